@@ -1,1 +1,16 @@
-//! placeholder
+//! The rlhf engine: pipeline files in, a checked DAG of stages out, run against a
+//! content-addressed cache so that only what changed reruns. It knows no ML: stage
+//! kinds plug in through [`stage::Stage`] and the [`registry::Registry`].
+
+pub mod artifact;
+pub mod context;
+pub mod hub;
+pub mod metrics;
+pub mod progress;
+pub mod registry;
+pub mod stage;
+
+pub use artifact::ArtifactKind;
+pub use context::{InputArtifact, StageContext};
+pub use registry::{Registry, StageKind};
+pub use stage::{ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageError};

@@ -1,0 +1,1 @@
+//! Losses and estimators as small documented pure functions.

@@ -1,0 +1,1 @@
+//! Datasets: sources, formats, the row model, prompt templates, tokenizers and batching.

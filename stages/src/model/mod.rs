@@ -1,0 +1,1 @@
+//! Causal language models: Llama-family architectures, LoRA, heads and generation.
