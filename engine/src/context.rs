@@ -33,11 +33,13 @@ pub struct StageContext {
     pub kind: String,
     /// Derived from the pipeline seed and the stage name; the only randomness a stage may use.
     pub seed: u64,
-    /// Threads the stage may use for compute (excluded from the key: results must not
-    /// depend on it for deterministic kinds, and where they do the lock file says so).
+    /// Threads the stage may use for compute. Excluded from the key (see key.rs).
     pub threads: usize,
-    /// Survives a killed run; emptied once the stage's outputs are committed.
+    /// Survives a killed run, so a stage can checkpoint here and resume; emptied once the
+    /// stage's outputs are committed.
     pub scratch: PathBuf,
+    /// Kept after the run, failed or not: logs of external programs, timings.
+    pub log_dir: PathBuf,
     pub metrics: MetricsSink,
     pub progress: Progress,
     inputs: BTreeMap<String, InputArtifact>,
@@ -46,31 +48,52 @@ pub struct StageContext {
 }
 
 impl StageContext {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        stage: &str,
-        kind: &str,
-        seed: u64,
-        threads: usize,
-        scratch: PathBuf,
-        inputs: BTreeMap<String, InputArtifact>,
-        outputs: BTreeMap<String, PathBuf>,
-        metrics: MetricsSink,
-        progress: Progress,
-        lookup: Option<Box<dyn ArtifactLookup>>,
-    ) -> Self {
+    /// A context with no inputs or outputs, a quiet progress reporter and a discarding
+    /// metrics sink; the engine (or a test) fills in the rest with the `with_*` methods.
+    pub fn new(stage: &str, kind: &str, seed: u64, scratch: PathBuf, log_dir: PathBuf) -> Self {
         StageContext {
             stage: stage.to_string(),
             kind: kind.to_string(),
             seed,
-            threads,
+            threads: 1,
             scratch,
-            metrics,
-            progress,
-            inputs,
-            outputs,
-            lookup,
+            log_dir,
+            metrics: MetricsSink::discard(),
+            progress: Progress::quiet(),
+            inputs: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            lookup: None,
         }
+    }
+
+    pub fn with_input(mut self, name: &str, input: InputArtifact) -> Self {
+        self.inputs.insert(name.to_string(), input);
+        self
+    }
+
+    pub fn with_output(mut self, name: &str, dir: PathBuf) -> Self {
+        self.outputs.insert(name.to_string(), dir);
+        self
+    }
+
+    pub fn with_metrics(mut self, metrics: MetricsSink) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    pub fn with_lookup(mut self, lookup: Box<dyn ArtifactLookup>) -> Self {
+        self.lookup = Some(lookup);
+        self
     }
 
     /// The input declared under `name` in [`crate::stage::Ports`].

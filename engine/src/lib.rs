@@ -5,6 +5,7 @@
 pub mod artifact;
 pub mod context;
 pub mod hub;
+pub mod yaml;
 pub mod metrics;
 pub mod progress;
 pub mod registry;
