@@ -1,0 +1,147 @@
+//! Inter-process locks on the cache, built on `std::fs::File::lock` (flock on Linux).
+//!
+//! - A *key lock* (`v1/locks/<key>.lock`, exclusive) serialises the work on one stage key:
+//!   the engine takes it, re-reads the record (another run may have finished the stage
+//!   meanwhile), and runs the stage only on a miss.
+//! - The *cache lock* (`v1/cache.lock`) is held shared by every run for its whole
+//!   duration, and exclusively by gc and verify, so they never delete under a running run.
+//!
+//! flock locks belong to an open file description: two `lock_key` calls for one key
+//! conflict even inside one process (so threads are serialised too), and taking the
+//! same lock twice from one thread blocks forever. Locks are released on drop, and by
+//! the kernel when a process dies, so a killed run never leaves a stale lock. Lock
+//! files are never deleted while the cache is in use: deleting a lock file that a
+//! waiter has open would let two holders in.
+
+use crate::error::{CacheError, IoResultExt};
+use crate::fsutil::validate_key;
+use crate::store::{open_lock_file, Cache};
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+
+/// Exclusive lock on one stage key; released on drop.
+#[derive(Debug)]
+pub struct KeyLock {
+    key: String,
+    path: PathBuf,
+    _file: File,
+}
+
+impl KeyLock {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The lock file, for messages ("waiting for another run on `sft` (lock …)").
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Shared or exclusive lock on the whole cache; released on drop.
+#[derive(Debug)]
+pub struct CacheLock {
+    exclusive: bool,
+    _file: File,
+}
+
+impl CacheLock {
+    pub fn is_exclusive(&self) -> bool {
+        self.exclusive
+    }
+}
+
+/// Waits until this process holds a lock on `path` (exclusive or shared).
+pub(crate) fn acquire(path: &Path, exclusive: bool) -> Result<File, CacheError> {
+    let file = open_lock_file(path)?;
+    if exclusive {
+        file.lock().at(path)?;
+    } else {
+        file.lock_shared().at(path)?;
+    }
+    Ok(file)
+}
+
+/// Like [`acquire`] without waiting: `None` when another holder has a conflicting lock.
+pub(crate) fn try_acquire(path: &Path, exclusive: bool) -> Result<Option<File>, CacheError> {
+    let file = open_lock_file(path)?;
+    let attempt = if exclusive {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    match attempt {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(e)) => Err(CacheError::io(path, e)),
+    }
+}
+
+impl Cache {
+    pub(crate) fn key_lock_path(&self, key: &str) -> PathBuf {
+        self.sub("locks").join(format!("{key}.lock"))
+    }
+
+    pub(crate) fn cache_lock_path(&self) -> PathBuf {
+        self.sub("cache.lock")
+    }
+
+    /// Blocks until this process holds `v1/locks/<key>.lock` exclusively.
+    pub fn lock_key(&self, key: &str) -> Result<KeyLock, CacheError> {
+        validate_key(key)?;
+        let path = self.key_lock_path(key);
+        let file = acquire(&path, true)?;
+        Ok(KeyLock {
+            key: key.to_string(),
+            path,
+            _file: file,
+        })
+    }
+
+    /// Like [`Cache::lock_key`], but `None` instead of waiting when another holder has it.
+    pub fn try_lock_key(&self, key: &str) -> Result<Option<KeyLock>, CacheError> {
+        validate_key(key)?;
+        let path = self.key_lock_path(key);
+        Ok(try_acquire(&path, true)?.map(|file| KeyLock {
+            key: key.to_string(),
+            path,
+            _file: file,
+        }))
+    }
+
+    /// Held (shared) by a run for its whole duration; many runs may hold it at once.
+    pub fn lock_shared(&self) -> Result<CacheLock, CacheError> {
+        let file = acquire(&self.cache_lock_path(), false)?;
+        Ok(CacheLock {
+            exclusive: false,
+            _file: file,
+        })
+    }
+
+    /// Blocks until no run holds the cache; gc and verify take this (through
+    /// [`Cache::try_lock_exclusive`]) so they never delete under a running run.
+    pub fn lock_exclusive(&self) -> Result<CacheLock, CacheError> {
+        let file = acquire(&self.cache_lock_path(), true)?;
+        Ok(CacheLock {
+            exclusive: true,
+            _file: file,
+        })
+    }
+
+    /// The exclusive cache lock if no run holds the cache, `None` otherwise.
+    pub fn try_lock_exclusive(&self) -> Result<Option<CacheLock>, CacheError> {
+        Ok(
+            try_acquire(&self.cache_lock_path(), true)?.map(|file| CacheLock {
+                exclusive: true,
+                _file: file,
+            }),
+        )
+    }
+
+    /// The exclusive cache lock, or [`CacheError::Busy`] naming the cache.
+    pub(crate) fn exclusive_or_busy(&self) -> Result<CacheLock, CacheError> {
+        self.try_lock_exclusive()?.ok_or_else(|| CacheError::Busy {
+            path: self.dir().to_path_buf(),
+        })
+    }
+}
