@@ -1,1 +1,86 @@
-//! Causal language models: Llama-family architectures, LoRA, heads and generation.
+//! Causal language models: Llama-family architectures (Llama, Qwen2) loaded from
+//! Hugging Face folders, LoRA, scalar heads, teacher-forced log-probs and KV-cache
+//! generation.
+//!
+//! Conventions used everywhere in this module:
+//! - **Right padding** for training and scoring: a batch is `input_ids (b, t)` with
+//!   real tokens first and pad tokens after them, `attention_mask (b, t)` 1 on real
+//!   tokens. Generation takes unpadded prompts and pads internally (left) itself.
+//! - Base weights are plain tensors (frozen by construction). Trainable tensors (LoRA
+//!   A/B, heads, or every weight under full fine-tuning) are `Var`s of a
+//!   [`candle_nn::VarMap`] that the caller hands to the optimiser.
+//! - candle's fused ops drop gradients (../shared/NOTES.md), so every op here is an
+//!   explicit, differentiable composition.
+
+pub mod causal_lm;
+pub mod config;
+pub mod folder;
+pub mod generate;
+pub mod heads;
+pub mod layers;
+pub mod logprobs;
+pub mod lora;
+pub mod rope;
+// pub mod save;
+pub mod tokenizer;
+pub mod weights;
+
+pub use causal_lm::{CausalLm, Trainability};
+pub use config::{GenerationDefaults, LlamaConfig, RopeScaling};
+pub use folder::ModelFolder;
+pub use generate::{generate, GenerationOutput, GenerationSettings};
+pub use heads::{ScalarHead, ScalarHeadKind};
+pub use logprobs::{
+    completion_logprobs, token_entropy, token_logprobs, CompletionLogprobs, TokenBatch,
+};
+pub use lora::{LoraConfig, LoraTargets};
+pub use tokenizer::ModelTokenizer;
+
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong loading, running or saving a model. Each variant
+/// names the file, tensor or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path} is missing\nhint: {hint}")]
+    MissingFile { path: PathBuf, hint: String },
+    #[error("{path}: cannot load tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    MissingTensor { name: String },
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,325 @@
+//! The building blocks of a Llama-family decoder, as plain structs of tensors: linear
+//! projections (optionally carrying a LoRA adapter), RMSNorm, grouped-query attention
+//! with an optional KV cache, the SiLU-gated MLP and the decoder layer.
+
+use super::lora::LoraAdapter;
+use super::rope::{apply_rope, RopeTables};
+use super::weights::WeightSource;
+use super::{LlamaConfig, Result};
+use candle_core::{DType, Tensor, D};
+use rand_chacha::ChaCha8Rng;
+
+/// Randomness for LoRA dropout; `None` means evaluation (no dropout).
+pub type DropoutRng<'a, 'b> = &'a mut Option<&'b mut ChaCha8Rng>;
+
+/// `y = x W^T + b`, plus `scale * B A dropout(x)` when a LoRA adapter is attached.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// (out, in)
+    pub weight: Tensor,
+    /// (out,)
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    pub fn load(
+        weights: &WeightSource,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        Ok(Linear {
+            weight: weights.get(&format!("{name}.weight"), &[out_dim, in_dim])?,
+            bias: weights.get_if(bias, &format!("{name}.bias"), &[out_dim])?,
+            lora: None,
+        })
+    }
+
+    /// x (..., in) → (..., out)
+    pub fn forward(&self, x: &Tensor, rng: DropoutRng) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim.max(1);
+        let flat = x.reshape((rows, in_dim))?; // (n, in)
+        let mut y = flat.matmul(&self.weight.t()?)?; // (n, out)
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(lora) = &self.lora {
+            y = (y + lora.delta(&flat, rng)?)?;
+        }
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+/// Root-mean-square norm, computed in f32 like transformers (`weight * x / rms(x)`).
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(weights: &WeightSource, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: weights.get(&format!("{name}.weight"), &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
+        let normed = x32.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Keys and values of earlier positions for one layer, (b, kv_heads, s, head_dim).
+#[derive(Clone, Debug, Default)]
+pub struct LayerCache {
+    pub keys: Option<Tensor>,
+    pub values: Option<Tensor>,
+}
+
+impl LayerCache {
+    fn append(&mut self, keys: Tensor, values: Tensor) -> Result<(Tensor, Tensor)> {
+        let keys = match &self.keys {
+            Some(past) => Tensor::cat(&[past, &keys], 2)?,
+            None => keys,
+        };
+        let values = match &self.values {
+            Some(past) => Tensor::cat(&[past, &values], 2)?,
+            None => values,
+        };
+        self.keys = Some(keys.clone());
+        self.values = Some(values.clone());
+        Ok((keys, values))
+    }
+
+    /// Keeps only the batch rows in `rows` (drops finished sequences).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        if let Some(k) = &self.keys {
+            self.keys = Some(k.index_select(rows, 0)?);
+        }
+        if let Some(v) = &self.values {
+            self.values = Some(v.index_select(rows, 0)?);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn load(weights: &WeightSource, prefix: &str, config: &LlamaConfig) -> Result<Self> {
+        let (hidden, heads, kv_heads, head_dim) = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_kv_heads(),
+            config.head_dim(),
+        );
+        let qkv_bias = config.qkv_bias();
+        Ok(Attention {
+            q_proj: Linear::load(
+                weights,
+                &format!("{prefix}.q_proj"),
+                hidden,
+                heads * head_dim,
+                qkv_bias,
+            )?,
+            k_proj: Linear::load(
+                weights,
+                &format!("{prefix}.k_proj"),
+                hidden,
+                kv_heads * head_dim,
+                qkv_bias,
+            )?,
+            v_proj: Linear::load(
+                weights,
+                &format!("{prefix}.v_proj"),
+                hidden,
+                kv_heads * head_dim,
+                qkv_bias,
+            )?,
+            o_proj: Linear::load(
+                weights,
+                &format!("{prefix}.o_proj"),
+                heads * head_dim,
+                hidden,
+                config.o_bias(),
+            )?,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+        })
+    }
+
+    /// x (b, t, hidden); `mask` additive, (b or 1, 1, t, s) where s counts cached
+    /// positions plus these t. Returns (b, t, hidden).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        cache: Option<&mut LayerCache>,
+        rng: DropoutRng,
+    ) -> Result<Tensor> {
+        let (batch, time, _) = x.dims3()?;
+        let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let split = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((batch, time, n, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?) // (b, n, t, d)
+        };
+        let q = apply_rope(&split(self.q_proj.forward(x, rng)?, heads)?, rope)?; // (b, h, t, d)
+        let k = apply_rope(&split(self.k_proj.forward(x, rng)?, kv_heads)?, rope)?; // (b, kvh, t, d)
+        let v = split(self.v_proj.forward(x, rng)?, kv_heads)?; // (b, kvh, t, d)
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v)?,
+            None => (k, v),
+        };
+        let keys_len = k.dim(2)?;
+        // Grouped-query attention without copying k/v: query head h uses kv head
+        // h / n_rep, so the n_rep query heads of one kv head are stacked along time.
+        let n_rep = heads / kv_heads;
+        let q = q.reshape((batch, kv_heads, n_rep * time, head_dim))?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, kvh, n_rep*t, s)
+        let scores = scores
+            .reshape((batch, heads, time, keys_len))?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?; // (b, h, t, s)
+        let probs = probs.reshape((batch, kv_heads, n_rep * time, keys_len))?;
+        let context = probs.matmul(&v)?; // (b, kvh, n_rep*t, d)
+        let context = context
+            .reshape((batch, heads, time, head_dim))?
+            .transpose(1, 2)?
+            .reshape((batch, time, heads * head_dim))?; // (b, t, h*d)
+        self.o_proj.forward(&context, rng)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn load(weights: &WeightSource, prefix: &str, config: &LlamaConfig) -> Result<Self> {
+        let (hidden, inter, bias) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.mlp_bias,
+        );
+        Ok(Mlp {
+            gate_proj: Linear::load(weights, &format!("{prefix}.gate_proj"), hidden, inter, bias)?,
+            up_proj: Linear::load(weights, &format!("{prefix}.up_proj"), hidden, inter, bias)?,
+            down_proj: Linear::load(weights, &format!("{prefix}.down_proj"), inter, hidden, bias)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, rng: DropoutRng) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, rng)?.silu()?; // (b, t, inter)
+        let up = self.up_proj.forward(x, rng)?;
+        self.down_proj.forward(&(gate * up)?, rng)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn load(weights: &WeightSource, prefix: &str, config: &LlamaConfig) -> Result<Self> {
+        let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::load(
+                weights,
+                &format!("{prefix}.input_layernorm"),
+                hidden,
+                eps,
+            )?,
+            self_attn: Attention::load(weights, &format!("{prefix}.self_attn"), config)?,
+            post_attention_layernorm: RmsNorm::load(
+                weights,
+                &format!("{prefix}.post_attention_layernorm"),
+                hidden,
+                eps,
+            )?,
+            mlp: Mlp::load(weights, &format!("{prefix}.mlp"), config)?,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        cache: Option<&mut LayerCache>,
+        rng: DropoutRng,
+    ) -> Result<Tensor> {
+        let attended =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, rope, mask, cache, rng)?;
+        let x = (x + attended)?;
+        let mixed = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?, rng)?;
+        Ok((x + mixed)?)
+    }
+
+    /// The seven linear modules with their HF short names.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("q_proj", &mut self.self_attn.q_proj),
+            ("k_proj", &mut self.self_attn.k_proj),
+            ("v_proj", &mut self.self_attn.v_proj),
+            ("o_proj", &mut self.self_attn.o_proj),
+            ("gate_proj", &mut self.mlp.gate_proj),
+            ("up_proj", &mut self.mlp.up_proj),
+            ("down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+
+    pub fn linears(&self) -> [(&'static str, &'static str, &Linear); 7] {
+        [
+            ("self_attn", "q_proj", &self.self_attn.q_proj),
+            ("self_attn", "k_proj", &self.self_attn.k_proj),
+            ("self_attn", "v_proj", &self.self_attn.v_proj),
+            ("self_attn", "o_proj", &self.self_attn.o_proj),
+            ("mlp", "gate_proj", &self.mlp.gate_proj),
+            ("mlp", "up_proj", &self.mlp.up_proj),
+            ("mlp", "down_proj", &self.mlp.down_proj),
+        ]
+    }
+}
