@@ -1,8 +1,12 @@
 //! One module per stage kind.
 
+pub mod dataset;
+pub mod train_tokenizer;
+
 use rlhf_engine::Registry;
 
 /// Registers every stage kind of this crate.
 pub fn register_all(registry: &mut Registry) {
-    let _ = registry;
+    registry.register::<dataset::DatasetStage>();
+    registry.register::<train_tokenizer::TrainTokenizerStage>();
 }
