@@ -1,0 +1,322 @@
+//! Gradient-norm clipping and an AdamW whose state can be saved and restored.
+//!
+//! `candle_nn::AdamW` computes the same update as `torch.optim.AdamW` (tests/algo_optim.rs
+//! checks both against PyTorch), but keeps its moments and step count private, so a run
+//! cannot checkpoint and resume it. [`AdamW`] here is the same algorithm with its state
+//! exposed through [`AdamW::state_tensors`], [`AdamW::save`] and [`AdamW::load`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
+
+use super::error::{at, AlgoError};
+
+/// Scales all gradients of `vars` in place so that their global L2 norm is at most
+/// `max_norm`; returns the norm before clipping.
+///
+/// Matches `torch.nn.utils.clip_grad_norm_(params, max_norm)` (norm type 2): the total
+/// norm is `sqrt(Σ_p ‖g_p‖²)`, and every gradient is multiplied by
+/// `min(1, max_norm / (total + 1e-6))`. Variables without a gradient are skipped.
+/// A non-finite norm is returned as is and gradients are left unchanged; the caller decides
+/// (training stages stop on it).
+pub fn clip_grad_norm(
+    vars: &[Var],
+    grads: &mut GradStore,
+    max_norm: f64,
+) -> Result<f64, AlgoError> {
+    let f = at("clip_grad_norm");
+    let mut squared_sum = 0f64;
+    for var in vars {
+        if let Some(grad) = grads.get(var.as_tensor()) {
+            let squares = grad
+                .to_dtype(DType::F64)
+                .map_err(&f)?
+                .sqr()
+                .map_err(&f)?
+                .sum_all()
+                .map_err(&f)?;
+            squared_sum += squares.to_scalar::<f64>().map_err(&f)?;
+        }
+    }
+    let total_norm = squared_sum.sqrt();
+    let coefficient = max_norm / (total_norm + 1e-6);
+    if total_norm.is_finite() && coefficient < 1.0 {
+        for var in vars {
+            if let Some(grad) = grads.remove(var.as_tensor()) {
+                grads.insert(var.as_tensor(), grad.affine(coefficient, 0.0).map_err(&f)?);
+            }
+        }
+    }
+    Ok(total_norm)
+}
+
+/// AdamW hyper-parameters; the defaults are `torch.optim.AdamW`'s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub learning_rate: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// One trainable variable with its first and second moment estimates.
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    var: Var,
+    first_moment: Tensor,
+    second_moment: Tensor,
+}
+
+/// AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) as `torch.optim.AdamW` computes it:
+///
+/// ```text
+/// θ ← θ·(1 - lr·λ)
+/// m ← β1·m + (1-β1)·g          v ← β2·v + (1-β2)·g²
+/// θ ← θ - lr/(1-β1^k) · m / (sqrt(v)/sqrt(1-β2^k) + ε)
+/// ```
+///
+/// Variables are named (for checkpoints); a variable without a gradient in a step is left
+/// untouched, moments included, as in torch.
+#[derive(Debug)]
+pub struct AdamW {
+    slots: Vec<Slot>,
+    step: usize,
+    config: AdamWConfig,
+}
+
+const STEP_KEY: &str = "adamw.step";
+
+impl AdamW {
+    /// An optimiser over `named_vars` (floating-point only) with zeroed moments.
+    pub fn new(named_vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self, AlgoError> {
+        let f = at("AdamW::new");
+        let mut slots = Vec::with_capacity(named_vars.len());
+        for (name, var) in named_vars
+            .into_iter()
+            .filter(|(_, var)| var.dtype().is_float())
+        {
+            let first_moment = var.zeros_like().map_err(&f)?;
+            let second_moment = var.zeros_like().map_err(&f)?;
+            slots.push(Slot {
+                name,
+                var,
+                first_moment,
+                second_moment,
+            });
+        }
+        Ok(Self {
+            slots,
+            step: 0,
+            config,
+        })
+    }
+
+    /// An optimiser over every variable of `var_map`, in name order.
+    pub fn from_var_map(var_map: &VarMap, config: AdamWConfig) -> Result<Self, AlgoError> {
+        let data = var_map.data().lock().map_err(|_| AlgoError::Parameter {
+            function: "AdamW::from_var_map",
+            name: "var_map",
+            value: f64::NAN,
+            expected: "a VarMap whose lock is not poisoned",
+        })?;
+        let mut named: Vec<(String, Var)> = data
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone()))
+            .collect();
+        drop(data);
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::new(named, config)
+    }
+
+    /// Number of updates applied so far (what a learning-rate schedule needs).
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+
+    pub fn config(&self) -> AdamWConfig {
+        self.config
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        self.config.learning_rate
+    }
+
+    pub fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.config.learning_rate = learning_rate;
+    }
+
+    /// Applies one update from `grads`.
+    pub fn step(&mut self, grads: &GradStore) -> Result<(), AlgoError> {
+        let f = at("AdamW::step");
+        self.step += 1;
+        let AdamWConfig {
+            learning_rate,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.config;
+        let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
+        let step_size = learning_rate / bias_correction1;
+        for slot in &mut self.slots {
+            let Some(grad) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
+            let grad = grad.detach();
+            let decayed = slot
+                .var
+                .as_tensor()
+                .affine(1.0 - learning_rate * weight_decay, 0.0)
+                .map_err(&f)?;
+            let first = (slot.first_moment.affine(beta1, 0.0).map_err(&f)?
+                + grad.affine(1.0 - beta1, 0.0).map_err(&f)?)
+            .map_err(&f)?;
+            let second = (slot.second_moment.affine(beta2, 0.0).map_err(&f)?
+                + grad
+                    .sqr()
+                    .map_err(&f)?
+                    .affine(1.0 - beta2, 0.0)
+                    .map_err(&f)?)
+            .map_err(&f)?;
+            let denominator = second
+                .sqrt()
+                .map_err(&f)?
+                .affine(1.0 / bias_correction2_sqrt, eps)
+                .map_err(&f)?;
+            let update = (&first / denominator)
+                .map_err(&f)?
+                .affine(step_size, 0.0)
+                .map_err(&f)?;
+            slot.var.set(&(decayed - update).map_err(&f)?).map_err(&f)?;
+            slot.first_moment = first;
+            slot.second_moment = second;
+        }
+        Ok(())
+    }
+
+    /// The state as named tensors: `adamw.m.<name>`, `adamw.v.<name>` and `adamw.step`
+    /// (an `i64` of shape `(1,)`), ready for a safetensors file.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>, AlgoError> {
+        let f = at("AdamW::state_tensors");
+        let mut state = HashMap::with_capacity(2 * self.slots.len() + 1);
+        for slot in &self.slots {
+            state.insert(format!("adamw.m.{}", slot.name), slot.first_moment.clone());
+            state.insert(format!("adamw.v.{}", slot.name), slot.second_moment.clone());
+        }
+        let device = self
+            .slots
+            .first()
+            .map(|s| s.var.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        state.insert(
+            STEP_KEY.to_string(),
+            Tensor::new(&[self.step as i64], &device).map_err(&f)?,
+        );
+        Ok(state)
+    }
+
+    /// Restores state produced by [`Self::state_tensors`]; `origin` names where it came
+    /// from in errors. Every variable must find moments of its own shape.
+    pub fn load_state_tensors(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<(), AlgoError> {
+        let function = "AdamW::load_state_tensors";
+        let f = at(function);
+        let problem = |detail: String| AlgoError::OptimizerState {
+            function,
+            path: origin.to_string(),
+            detail,
+        };
+        let step = state
+            .get(STEP_KEY)
+            .ok_or_else(|| problem(format!("no `{STEP_KEY}` entry")))?;
+        let step = step
+            .to_dtype(DType::I64)
+            .map_err(&f)?
+            .flatten_all()
+            .map_err(&f)?
+            .to_vec1::<i64>()
+            .map_err(&f)?;
+        let step = step
+            .first()
+            .copied()
+            .filter(|s| *s >= 0)
+            .ok_or_else(|| problem("`adamw.step` is empty or negative".into()))?;
+        let mut restored = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let moment = |kind: &str| -> Result<Tensor, AlgoError> {
+                let key = format!("adamw.{kind}.{}", slot.name);
+                let tensor = state
+                    .get(&key)
+                    .ok_or_else(|| problem(format!("no `{key}` entry")))?;
+                if tensor.dims() != slot.var.dims() {
+                    return Err(problem(format!(
+                        "`{key}` has shape {:?}, the variable {:?}",
+                        tensor.dims(),
+                        slot.var.dims()
+                    )));
+                }
+                tensor
+                    .to_dtype(slot.var.dtype())
+                    .map_err(&f)?
+                    .to_device(slot.var.device())
+                    .map_err(&f)
+            };
+            restored.push((moment("m")?, moment("v")?));
+        }
+        for (slot, (first, second)) in self.slots.iter_mut().zip(restored) {
+            slot.first_moment = first;
+            slot.second_moment = second;
+        }
+        self.step = step as usize;
+        Ok(())
+    }
+
+    /// Writes the state to a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<(), AlgoError> {
+        candle_core::safetensors::save(&self.state_tensors()?, path).map_err(|source| {
+            AlgoError::OptimizerState {
+                function: "AdamW::save",
+                path: path.display().to_string(),
+                detail: source.to_string(),
+            }
+        })
+    }
+
+    /// Reads the state from a safetensors file written by [`Self::save`].
+    pub fn load(&mut self, path: &Path) -> Result<(), AlgoError> {
+        let device = self
+            .slots
+            .first()
+            .map(|s| s.var.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let state = candle_core::safetensors::load(path, &device).map_err(|source| {
+            AlgoError::OptimizerState {
+                function: "AdamW::load",
+                path: path.display().to_string(),
+                detail: source.to_string(),
+            }
+        })?;
+        self.load_state_tensors(&state, &path.display().to_string())
+    }
+}
