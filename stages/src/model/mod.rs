@@ -21,7 +21,7 @@ pub mod layers;
 pub mod logprobs;
 pub mod lora;
 pub mod rope;
-// pub mod save;
+pub mod save;
 pub mod tokenizer;
 pub mod weights;
 
@@ -34,6 +34,7 @@ pub use logprobs::{
     completion_logprobs, token_entropy, token_logprobs, CompletionLogprobs, TokenBatch,
 };
 pub use lora::{LoraConfig, LoraTargets};
+pub use save::{load_lora_adapter, save_lora_adapter, save_model_folder};
 pub use tokenizer::ModelTokenizer;
 
 use std::path::{Path, PathBuf};

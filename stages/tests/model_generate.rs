@@ -1,0 +1,172 @@
+//! KV-cache generation: greedy equals argmax of the no-cache forward, a batch gives the
+//! same tokens as each row alone, stopping rules, and seeded sampling.
+
+#[path = "model_common/mod.rs"]
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use rlhf_stages::model::generate::FinishReason;
+use rlhf_stages::model::{generate, token_logprobs, GenerationSettings};
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 5, 9],
+        vec![1, 40, 41, 42, 43, 44, 45],
+        vec![1],
+        vec![1, 3, 3, 3, 60],
+    ]
+}
+
+fn settings(max_new_tokens: usize) -> GenerationSettings {
+    GenerationSettings {
+        max_new_tokens,
+        ..GenerationSettings::greedy()
+    }
+}
+
+#[test]
+fn greedy_with_kv_cache_equals_argmax_of_the_full_forward() {
+    let model = tiny_model(11);
+    let prompt = prompts()[1].clone();
+    let output = generate(&model, &[prompt.clone()], &settings(12), None).unwrap();
+    let mut sequence = prompt.clone();
+    for (step, &token) in output.tokens[0].iter().enumerate() {
+        let input = Tensor::new(sequence.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model
+            .forward(&input, None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .get(sequence.len() - 1)
+            .unwrap();
+        let expected = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(token, expected, "step {step}");
+        let lp = candle_nn::ops::log_softmax(&logits, 0)
+            .unwrap()
+            .get(token as usize)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (lp - output.logprobs[0][step]).abs() < 1e-4,
+            "log-prob at step {step}"
+        );
+        sequence.push(token);
+    }
+    assert_eq!(output.tokens[0].len(), 12);
+}
+
+#[test]
+fn a_batch_generates_the_same_tokens_as_each_row_alone() {
+    let model = tiny_model(12);
+    let batch = generate(&model, &prompts(), &settings(10), None).unwrap();
+    for (row, prompt) in prompts().iter().enumerate() {
+        let alone = generate(&model, &[prompt.clone()], &settings(10), None).unwrap();
+        assert_eq!(batch.tokens[row], alone.tokens[0], "row {row}");
+        for (a, b) in batch.logprobs[row].iter().zip(&alone.logprobs[0]) {
+            assert!((a - b).abs() < 1e-4, "row {row}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn a_row_stops_at_eos_and_the_others_continue() {
+    let model = tiny_model(13);
+    let free = generate(&model, &prompts(), &settings(8), None).unwrap();
+    // Declare the third token generated for row 0 an EOS.
+    let eos = free.tokens[0][2];
+    let stopped = generate(
+        &model,
+        &prompts(),
+        &GenerationSettings {
+            eos_token_ids: vec![eos],
+            ..settings(8)
+        },
+        None,
+    )
+    .unwrap();
+    for row in 0..prompts().len() {
+        let expected_len = free.tokens[row]
+            .iter()
+            .position(|&t| t == eos)
+            .map(|i| i + 1)
+            .unwrap_or(8);
+        assert_eq!(
+            stopped.tokens[row],
+            free.tokens[row][..expected_len].to_vec(),
+            "row {row}"
+        );
+        let reason = if expected_len < 8 || free.tokens[row][7] == eos {
+            FinishReason::Eos
+        } else {
+            FinishReason::MaxNewTokens
+        };
+        assert_eq!(stopped.finish_reasons[row], reason, "row {row}");
+    }
+    let (ids, logprobs, mask) = stopped.padded(0, &Device::Cpu).unwrap();
+    assert_eq!(ids.dims(), &[4, 8]);
+    assert_eq!(logprobs.dims(), &[4, 8]);
+    let row0: Vec<f32> = mask.get(0).unwrap().to_vec1().unwrap();
+    assert_eq!(row0, vec![1., 1., 1., 0., 0., 0., 0., 0.]);
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed_and_top_k_one_is_greedy() {
+    let model = tiny_model(14);
+    let sampled = |seed: u64, top_k: Option<usize>| {
+        let settings = GenerationSettings {
+            temperature: 1.0,
+            top_k,
+            top_p: Some(0.9),
+            seed,
+            ..settings(10)
+        };
+        generate(&model, &prompts(), &settings, None).unwrap()
+    };
+    assert_eq!(sampled(1, None).tokens, sampled(1, None).tokens);
+    assert_ne!(sampled(1, None).tokens, sampled(2, None).tokens);
+    assert_eq!(
+        sampled(3, Some(1)).tokens,
+        generate(&model, &prompts(), &settings(10), None)
+            .unwrap()
+            .tokens
+    );
+}
+
+#[test]
+fn sampled_logprobs_equal_teacher_forced_logprobs_of_the_same_tokens() {
+    let model = tiny_model(15);
+    let prompt = vec![1u32, 7, 8, 9];
+    let settings = GenerationSettings {
+        temperature: 1.0,
+        seed: 5,
+        ..settings(6)
+    };
+    let output = generate(&model, &[prompt.clone()], &settings, None).unwrap();
+    let full: Vec<u32> = prompt.iter().chain(&output.tokens[0]).copied().collect();
+    let input = Tensor::new(full.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let n = full.len();
+    let logits = model.forward(&input, None, None).unwrap();
+    let lp: Vec<f32> = token_logprobs(
+        &logits.narrow(1, 0, n - 1).unwrap(),
+        &input.narrow(1, 1, n - 1).unwrap(),
+    )
+    .unwrap()
+    .squeeze(0)
+    .unwrap()
+    .to_vec1()
+    .unwrap();
+    for (i, sampled) in output.logprobs[0].iter().enumerate() {
+        assert!(
+            (lp[prompt.len() - 1 + i] - sampled).abs() < 1e-4,
+            "token {i}"
+        );
+    }
+}
