@@ -3,13 +3,22 @@
 //! kinds plug in through [`stage::Stage`] and the [`registry::Registry`].
 
 pub mod artifact;
+pub mod check;
 pub mod context;
+pub mod diagnostic;
+pub mod graph;
+pub mod overrides;
+pub mod spec;
 pub mod hub;
+pub mod key;
+pub mod lockfile;
 pub mod yaml;
 pub mod metrics;
 pub mod progress;
 pub mod registry;
+pub mod run;
 pub mod stage;
+pub mod status;
 
 pub use artifact::ArtifactKind;
 pub use context::{InputArtifact, StageContext};

@@ -77,9 +77,20 @@ impl<S: Stage> StageKind for Kind<S> {
 
 fn parse_params<T: serde::de::DeserializeOwned>(params: &Value) -> Result<T, ConfigureError> {
     serde_path_to_error::deserialize(params).map_err(|e| {
-        let path = e.path().to_string();
+        // Dotted, with list indexes as numbers (`models.1`), like InputPort::param.
+        let path = e
+            .path()
+            .iter()
+            .filter_map(|segment| match segment {
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Enum { variant } => Some(variant.clone()),
+                serde_path_to_error::Segment::Unknown => None,
+            })
+            .collect::<Vec<_>>()
+            .join(".");
         ConfigureError::Params {
-            path: if path == "." { String::new() } else { path },
+            path,
             message: e.into_inner().to_string(),
         }
     })
