@@ -626,3 +626,23 @@ fn learning_rate_schedules_match_transformers() {
         assert_close_values(&actual, &expected, 1e-15, &format!("{schedule:?}"));
     }
 }
+
+#[test]
+fn log_sigmoid_is_stable_and_its_gradient_at_zero_is_one_half() {
+    // torch: F.logsigmoid([-50, 0, 50]) = [-50, -log 2, -1.9e-22]; gradient 1 - σ(x) = [1, 0.5, 0].
+    let x = Var::from_tensor(&Tensor::new(&[-50.0f64, 0.0, 50.0], &Device::Cpu).unwrap()).unwrap();
+    let y = rlhf_stages::algo::ops::log_sigmoid(x.as_tensor()).unwrap();
+    assert_close_values(
+        &values(&y),
+        &[-50.0, -std::f64::consts::LN_2, -(-50.0f64).exp()],
+        1e-15,
+        "log σ",
+    );
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert_close_values(
+        &values(grads.get(x.as_tensor()).unwrap()),
+        &[1.0, 0.5, 0.0],
+        1e-15,
+        "d log σ / dx",
+    );
+}

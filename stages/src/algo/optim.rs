@@ -82,6 +82,9 @@ struct Slot {
     var: Var,
     first_moment: Tensor,
     second_moment: Tensor,
+    /// Updates this variable received; torch counts per parameter, so a variable that
+    /// missed a step keeps its own bias correction.
+    updates: usize,
 }
 
 /// AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) as `torch.optim.AdamW` computes it:
@@ -92,8 +95,9 @@ struct Slot {
 /// θ ← θ - lr/(1-β1^k) · m / (sqrt(v)/sqrt(1-β2^k) + ε)
 /// ```
 ///
-/// Variables are named (for checkpoints); a variable without a gradient in a step is left
-/// untouched, moments included, as in torch.
+/// `k` counts the updates of each variable. Variables are named (for checkpoints); a
+/// variable without a gradient in a step is left untouched, moments and `k` included, as in
+/// torch (`candle_nn::AdamW` uses one global `k`, which differs after such a skip).
 #[derive(Debug)]
 pub struct AdamW {
     slots: Vec<Slot>,
@@ -102,6 +106,23 @@ pub struct AdamW {
 }
 
 const STEP_KEY: &str = "adamw.step";
+
+/// Reads a non-negative count stored as an `i64` tensor of shape `(1,)`.
+fn read_count(tensor: &Tensor, function: &'static str) -> Result<Option<usize>, AlgoError> {
+    let f = at(function);
+    let values = tensor
+        .to_dtype(DType::I64)
+        .map_err(&f)?
+        .flatten_all()
+        .map_err(&f)?
+        .to_vec1::<i64>()
+        .map_err(&f)?;
+    Ok(values
+        .first()
+        .copied()
+        .filter(|v| *v >= 0)
+        .map(|v| v as usize))
+}
 
 impl AdamW {
     /// An optimiser over `named_vars` (floating-point only) with zeroed moments.
@@ -119,6 +140,7 @@ impl AdamW {
                 var,
                 first_moment,
                 second_moment,
+                updates: 0,
             });
         }
         Ok(Self {
@@ -145,7 +167,7 @@ impl AdamW {
         Self::new(named, config)
     }
 
-    /// Number of updates applied so far (what a learning-rate schedule needs).
+    /// Number of [`Self::step`] calls so far (what a learning-rate schedule needs).
     pub fn step_count(&self) -> usize {
         self.step
     }
@@ -162,7 +184,7 @@ impl AdamW {
         self.config.learning_rate = learning_rate;
     }
 
-    /// Applies one update from `grads`.
+    /// Applies one update from `grads` to every variable that has a gradient there.
     pub fn step(&mut self, grads: &GradStore) -> Result<(), AlgoError> {
         let f = at("AdamW::step");
         self.step += 1;
@@ -173,23 +195,22 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.config;
-        let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        let step_size = learning_rate / bias_correction1;
         for slot in &mut self.slots {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
             let grad = grad.detach();
-            let decayed = slot
-                .var
-                .as_tensor()
+            slot.updates += 1;
+            let bias_correction1 = 1.0 - beta1.powi(slot.updates as i32);
+            let bias_correction2_sqrt = (1.0 - beta2.powi(slot.updates as i32)).sqrt();
+            let theta = slot.var.as_tensor();
+            let decayed = theta
                 .affine(1.0 - learning_rate * weight_decay, 0.0)
                 .map_err(&f)?;
-            let first = (slot.first_moment.affine(beta1, 0.0).map_err(&f)?
-                + grad.affine(1.0 - beta1, 0.0).map_err(&f)?)
-            .map_err(&f)?;
-            let second = (slot.second_moment.affine(beta2, 0.0).map_err(&f)?
+            let first = slot.first_moment.affine(beta1, 0.0).map_err(&f)?;
+            let first = (first + grad.affine(1.0 - beta1, 0.0).map_err(&f)?).map_err(&f)?;
+            let second = slot.second_moment.affine(beta2, 0.0).map_err(&f)?;
+            let second = (second
                 + grad
                     .sqr()
                     .map_err(&f)?
@@ -203,7 +224,7 @@ impl AdamW {
                 .map_err(&f)?;
             let update = (&first / denominator)
                 .map_err(&f)?
-                .affine(step_size, 0.0)
+                .affine(learning_rate / bias_correction1, 0.0)
                 .map_err(&f)?;
             slot.var.set(&(decayed - update).map_err(&f)?).map_err(&f)?;
             slot.first_moment = first;
@@ -212,29 +233,29 @@ impl AdamW {
         Ok(())
     }
 
-    /// The state as named tensors: `adamw.m.<name>`, `adamw.v.<name>` and `adamw.step`
-    /// (an `i64` of shape `(1,)`), ready for a safetensors file.
+    /// The state as named tensors, ready for a safetensors file: `adamw.m.<name>`,
+    /// `adamw.v.<name>`, `adamw.updates.<name>` and `adamw.step` (counts as `i64`, `(1,)`).
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>, AlgoError> {
         let f = at("AdamW::state_tensors");
-        let mut state = HashMap::with_capacity(2 * self.slots.len() + 1);
-        for slot in &self.slots {
-            state.insert(format!("adamw.m.{}", slot.name), slot.first_moment.clone());
-            state.insert(format!("adamw.v.{}", slot.name), slot.second_moment.clone());
-        }
         let device = self
             .slots
             .first()
             .map(|s| s.var.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
-        state.insert(
-            STEP_KEY.to_string(),
-            Tensor::new(&[self.step as i64], &device).map_err(&f)?,
-        );
+        let count = |n: usize| Tensor::new(&[n as i64], &device).map_err(&f);
+        let mut state = HashMap::with_capacity(3 * self.slots.len() + 1);
+        for slot in &self.slots {
+            state.insert(format!("adamw.m.{}", slot.name), slot.first_moment.clone());
+            state.insert(format!("adamw.v.{}", slot.name), slot.second_moment.clone());
+            state.insert(format!("adamw.updates.{}", slot.name), count(slot.updates)?);
+        }
+        state.insert(STEP_KEY.to_string(), count(self.step)?);
         Ok(state)
     }
 
     /// Restores state produced by [`Self::state_tensors`]; `origin` names where it came
-    /// from in errors. Every variable must find moments of its own shape.
+    /// from in errors. Every variable must find moments of its own shape; nothing changes
+    /// unless all of them do.
     pub fn load_state_tensors(
         &mut self,
         state: &HashMap<String, Tensor>,
@@ -247,28 +268,18 @@ impl AdamW {
             path: origin.to_string(),
             detail,
         };
-        let step = state
-            .get(STEP_KEY)
-            .ok_or_else(|| problem(format!("no `{STEP_KEY}` entry")))?;
-        let step = step
-            .to_dtype(DType::I64)
-            .map_err(&f)?
-            .flatten_all()
-            .map_err(&f)?
-            .to_vec1::<i64>()
-            .map_err(&f)?;
-        let step = step
-            .first()
-            .copied()
-            .filter(|s| *s >= 0)
-            .ok_or_else(|| problem("`adamw.step` is empty or negative".into()))?;
+        let entry = |key: &str| {
+            state
+                .get(key)
+                .ok_or_else(|| problem(format!("no `{key}` entry")))
+        };
+        let step = read_count(entry(STEP_KEY)?, function)?
+            .ok_or_else(|| problem(format!("`{STEP_KEY}` is empty or negative")))?;
         let mut restored = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
             let moment = |kind: &str| -> Result<Tensor, AlgoError> {
                 let key = format!("adamw.{kind}.{}", slot.name);
-                let tensor = state
-                    .get(&key)
-                    .ok_or_else(|| problem(format!("no `{key}` entry")))?;
+                let tensor = entry(&key)?;
                 if tensor.dims() != slot.var.dims() {
                     return Err(problem(format!(
                         "`{key}` has shape {:?}, the variable {:?}",
@@ -282,13 +293,17 @@ impl AdamW {
                     .to_device(slot.var.device())
                     .map_err(&f)
             };
-            restored.push((moment("m")?, moment("v")?));
+            let updates_key = format!("adamw.updates.{}", slot.name);
+            let updates = read_count(entry(&updates_key)?, function)?
+                .ok_or_else(|| problem(format!("`{updates_key}` is empty or negative")))?;
+            restored.push((moment("m")?, moment("v")?, updates));
         }
-        for (slot, (first, second)) in self.slots.iter_mut().zip(restored) {
+        for (slot, (first, second, updates)) in self.slots.iter_mut().zip(restored) {
             slot.first_moment = first;
             slot.second_moment = second;
+            slot.updates = updates;
         }
-        self.step = step as usize;
+        self.step = step;
         Ok(())
     }
 
