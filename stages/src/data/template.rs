@@ -17,7 +17,6 @@ use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -187,11 +186,8 @@ impl Renderer {
         all.extend_from_slice(messages);
         let messages: Vec<Value> = all
             .iter()
-            .map(|m| {
-                let map: BTreeMap<&str, Value> =
-                    [("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))].into();
-                Value::from(map)
-            })
+            // Key order as in Python dicts, so `messages | tojson` matches transformers.
+            .map(|m| Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
             .collect();
         let context = minijinja::context! {
             messages => messages,
