@@ -7,6 +7,7 @@
 
 pub mod algo;
 pub mod data;
+pub mod eval;
 pub mod kinds;
 pub mod model;
 pub mod testing;
