@@ -1,12 +1,13 @@
 //! The kinds of artifact that flow along the edges of a pipeline, so the engine can
 //! refuse a dataset where a model is needed before anything runs.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// What a stage output is. An artifact is always a directory in the cache; the kind says
 /// which files a consumer may expect inside it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactKind {
     /// Rows as `data.jsonl` (see the data module for the row model).

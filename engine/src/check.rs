@@ -128,10 +128,16 @@ pub fn check(raw: &RawPipeline, registry: &Registry) -> Result<Pipeline, Pipelin
         .map(|c| (c.raw.name.as_str(), c.outputs.as_slice()))
         .collect();
     let all_names: Vec<&str> = raw.stages.iter().map(|s| s.name.as_str()).collect();
+    // A reference to a stage that already failed to configure would only repeat that error.
+    let broken: BTreeSet<&str> = all_names.iter().copied().filter(|n| !outputs.contains_key(n)).collect();
     let mut stages = Vec::new();
     for c in &configured {
         let mut inputs = Vec::new();
         for port in &c.inputs {
+            let head = port.reference.split('.').next().unwrap_or_default();
+            if broken.contains(port.reference.as_str()) || broken.contains(head) {
+                continue;
+            }
             match resolve(raw, c.raw, port, &outputs, &all_names) {
                 Ok(input) => inputs.push(input),
                 Err(d) => diags.push(d),

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod progress;
 pub mod registry;
 pub mod run;
+pub mod schema;
 pub mod stage;
 pub mod status;
 
@@ -24,3 +25,12 @@ pub use artifact::ArtifactKind;
 pub use context::{InputArtifact, StageContext};
 pub use registry::{Registry, StageKind};
 pub use stage::{ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageError};
+
+use std::path::Path;
+
+/// Reads, overrides and checks a pipeline file: everything `rlhf` does before running.
+pub fn load_pipeline(file: &Path, overrides: &[String], registry: &Registry) -> Result<check::Pipeline, diagnostic::PipelineError> {
+    let mut raw = spec::load(file)?;
+    overrides::apply(&mut raw, overrides)?;
+    check::check(&raw, registry)
+}

@@ -87,6 +87,8 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
             max_documents: 1,
         },
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        // YAML 1.2 booleans only: `n`, `no`, `off` stay strings (no Norway problem).
+        strict_booleans: true,
     };
     let node: Option<Node> = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         let loc = e

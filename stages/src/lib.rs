@@ -18,3 +18,8 @@ pub fn registry() -> rlhf_engine::Registry {
     kinds::register_all(&mut registry);
     registry
 }
+
+/// Access to the Hugging Face hub for `hf://` references, if this build has it.
+pub fn hub_resolver() -> Option<Box<dyn rlhf_engine::hub::HubResolver>> {
+    None
+}

@@ -1,5 +1,6 @@
 //! One module per stage kind.
 
+pub mod command;
 pub mod dataset;
 pub mod train_tokenizer;
 
@@ -7,6 +8,7 @@ use rlhf_engine::Registry;
 
 /// Registers every stage kind of this crate.
 pub fn register_all(registry: &mut Registry) {
+    registry.register::<command::CommandStage>();
     registry.register::<dataset::DatasetStage>();
     registry.register::<train_tokenizer::TrainTokenizerStage>();
 }

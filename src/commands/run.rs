@@ -1,0 +1,63 @@
+//! `rlhf run`: run what is not cached, print one line (or JSON object) per stage, then
+//! the failures with their hints.
+
+use super::{load, open_cache, print_error, print_json, print_run_error};
+use rlhf_engine::run::{Engine, Outcome, RunOptions};
+use std::path::Path;
+
+pub fn run(file: &Path, overrides: &[String], cache_dir: &Path, options: &RunOptions, json: bool) -> i32 {
+    if let Some(threads) = Some(options.threads).filter(|t| *t > 0) {
+        // candle's matmul and rayon read this once, at first use.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let registry = rlhf_stages::registry();
+    let pipeline = match load(file, overrides, &registry) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let cache = match open_cache(cache_dir) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let hub = rlhf_stages::hub_resolver();
+    let engine = Engine::new(&registry, cache, hub.as_deref());
+    let report = match engine.run(&pipeline, options) {
+        Ok(r) => r,
+        Err(e) => return print_run_error(&e),
+    };
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    for stage in &report.stages {
+        if json {
+            print_json(stage);
+        }
+        let status = match stage.status {
+            Outcome::Ran => "ran",
+            Outcome::Cached => "cached",
+            Outcome::Verified => "verified",
+            Outcome::Mismatch => "MISMATCH",
+            Outcome::Failed => "FAILED",
+            Outcome::Skipped => "skipped",
+            Outcome::Waiting => "waiting",
+        };
+        let time = if stage.seconds > 0.0 { format!(" ({:.1}s)", stage.seconds) } else { String::new() };
+        eprintln!("{status:>9}  {}{time}", stage.stage);
+    }
+    let count = |o: Outcome| report.stages.iter().filter(|s| s.status == o).count();
+    eprintln!(
+        "{} ran, {} cached, {} failed, {} skipped{}",
+        count(Outcome::Ran),
+        count(Outcome::Cached),
+        count(Outcome::Failed),
+        count(Outcome::Skipped),
+        if options.verify { format!(", {} verified, {} mismatched", count(Outcome::Verified), count(Outcome::Mismatch)) } else { String::new() }
+    );
+    for stage in report.stages.iter().filter(|s| matches!(s.status, Outcome::Failed | Outcome::Mismatch | Outcome::Waiting)) {
+        print_error(
+            &format!("stage `{}`: {}", stage.stage, stage.message.clone().unwrap_or_default()),
+            stage.hint.as_deref(),
+        );
+    }
+    report.exit_code()
+}
