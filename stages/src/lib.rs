@@ -8,6 +8,7 @@
 pub mod algo;
 pub mod data;
 pub mod eval;
+pub mod hub;
 pub mod kinds;
 pub mod model;
 pub mod testing;
