@@ -9,12 +9,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Name prefix of the temp files of [`write_atomic`] (gc sweeps old ones).
+pub(crate) const TEMP_PREFIX: &str = ".tmp-";
+
 /// Writes `bytes` to `path` so that readers see either the old file or the whole new one.
 /// With `durable`, the data and the rename are fsynced before returning.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), CacheError> {
     let directory = path.parent().unwrap_or(Path::new("."));
     let mut temp = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(TEMP_PREFIX)
         .tempfile_in(directory)
         .at(directory)?;
     temp.write_all(bytes).at(temp.path())?;

@@ -1,16 +1,20 @@
 //! Garbage collection: GC roots (the lock files that use this cache), and `gc`, which
 //! deletes every record and artifact the caller does not keep, plus leftovers of
-//! crashed runs (staging dirs, scratch and log dirs of dropped keys, quarantine).
+//! crashed runs (staging dirs, scratch and log dirs of dropped keys, quarantine) and
+//! stat-cache entries of files that are gone or changed.
 
 use crate::digest::{is_digest, walk_files, Digest, SymlinkPolicy};
 use crate::error::{CacheError, IoResultExt};
-use crate::fsutil::{remove_dir_all_if_exists, remove_file_if_exists, validate_key, write_atomic};
+use crate::fsutil::{
+    remove_dir_all_if_exists, remove_file_if_exists, validate_key, write_atomic, TEMP_PREFIX,
+};
 use crate::lock::try_acquire;
 use crate::store::Cache;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// What [`Cache::gc`] deleted (or, on a dry run, would delete).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -24,9 +28,13 @@ pub struct GcReport {
     /// False for a dry run: nothing was deleted.
     pub applied: bool,
     /// Leftovers swept: staging dirs of dead runs, scratch and log dirs of dropped keys,
-    /// quarantine, stale roots, lock files of dropped keys, object dirs of unfinished commits.
+    /// quarantine, stale roots and stat entries, lock files of dropped keys, manifests
+    /// left without their directory.
     pub swept: Vec<PathBuf>,
 }
+
+/// Temp files younger than this may belong to a writer that is still running.
+const TEMP_FILE_MIN_AGE: Duration = Duration::from_secs(600);
 
 #[derive(Serialize, Deserialize)]
 struct RootEntry {
@@ -165,7 +173,14 @@ impl Cache {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if name.ends_with(".lock") {
+            if let Some(directory) = name.strip_suffix(".lock") {
+                // A lock file whose directory is gone (committed, or removed by a run
+                // that died before deleting the lock file).
+                if !staging.join(directory).exists() {
+                    if let Some(_lock) = try_acquire(&path, true)? {
+                        self.sweep_path(&path, report)?;
+                    }
+                }
                 continue;
             }
             let lock_path = staging.join(format!("{name}.lock"));
@@ -238,6 +253,34 @@ impl Cache {
         for (entry, lock_file) in self.root_entries()? {
             if !lock_file.exists() {
                 self.sweep_path(&entry, report)?;
+            }
+        }
+        for entry in self.stale_stat_entries()? {
+            self.sweep_path(&entry, report)?;
+        }
+        for sub in ["objects", "records", "stat", "roots"] {
+            self.sweep_temp_files(sub, report)?;
+        }
+        Ok(())
+    }
+
+    /// Temp files of atomic writes cut short by a crash. Only old ones: a process that
+    /// does not hold the cache lock (e.g. `rlhf status` refreshing the stat cache) may be
+    /// writing one right now.
+    fn sweep_temp_files(&self, sub: &str, report: &mut GcReport) -> Result<(), CacheError> {
+        let directory = self.sub(sub);
+        for entry in fs::read_dir(&directory).at(&directory)? {
+            let entry = entry.at(&directory)?;
+            if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let age = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|age| age > TEMP_FILE_MIN_AGE) {
+                self.sweep_path(&entry.path(), report)?;
             }
         }
         Ok(())

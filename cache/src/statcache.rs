@@ -151,6 +151,26 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// Stat entries that can never be used again: unreadable, or naming a path that is
+    /// gone or no longer matches its recorded stat. gc sweeps them.
+    pub(crate) fn stale_stat_entries(&self) -> Result<Vec<PathBuf>, CacheError> {
+        let directory = self.sub("stat");
+        let mut stale = Vec::new();
+        for entry in fs::read_dir(&directory).at(&directory)? {
+            let path = entry.at(&directory)?.path();
+            let usable = read_entry(&path).is_some_and(|entry| {
+                fs::metadata(&entry.path).is_ok_and(|m| file_stat(&m) == entry.stat)
+            });
+            if !usable {
+                stale.push(path);
+            }
+        }
+        stale.sort();
+        Ok(stale)
+    }
+}
+
 /// A stat entry, or `None` when missing or unreadable (it is only a cache).
 fn read_entry(path: &Path) -> Option<StatEntry> {
     let bytes = fs::read(path).ok()?;

@@ -206,3 +206,56 @@ fn pathdiff(path: &std::path::Path, base: &std::path::Path) -> std::path::PathBu
     }
     relative.join(path.strip_prefix("/").unwrap())
 }
+
+#[test]
+fn stat_entries_of_deleted_inputs_are_swept_and_live_ones_kept() {
+    let (dir, cache) = new_cache();
+    let live = dir.path().join("live.csv");
+    let gone = dir.path().join("gone.csv");
+    fs::write(&live, b"1").unwrap();
+    fs::write(&gone, b"2").unwrap();
+    std::thread::sleep(rlhf_cache::RACY_WINDOW + std::time::Duration::from_millis(150));
+    cache.digest_external(&live).unwrap();
+    cache.digest_external(&gone).unwrap();
+    let stat_dir = dir.path().join("cache/v1/stat");
+    assert_eq!(count_entries(&stat_dir), 2);
+    fs::remove_file(&gone).unwrap();
+    let report = cache.gc(&BTreeSet::new(), &BTreeSet::new(), true).unwrap();
+    assert_eq!(
+        report
+            .swept
+            .iter()
+            .filter(|p| p.starts_with(&stat_dir))
+            .count(),
+        1
+    );
+    assert_eq!(count_entries(&stat_dir), 1);
+    assert_eq!(
+        cache
+            .digest_external_with_stats(&live)
+            .unwrap()
+            .hashed_files,
+        0
+    );
+}
+
+#[test]
+fn old_temp_files_of_interrupted_writes_are_swept_and_fresh_ones_kept() {
+    let (dir, cache) = new_cache();
+    let records = dir.path().join("cache/v1/records");
+    let old = records.join(".tmp-old");
+    let fresh = records.join(".tmp-fresh");
+    fs::write(&old, b"{\"form").unwrap();
+    fs::write(&fresh, b"{\"form").unwrap();
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(an_hour_ago)
+        .unwrap();
+    let report = cache.gc(&BTreeSet::new(), &BTreeSet::new(), true).unwrap();
+    assert_eq!(report.swept, vec![old.clone()]);
+    assert!(!old.exists());
+    assert!(fresh.exists());
+}
