@@ -2,6 +2,7 @@
 
 pub mod command;
 pub mod dataset;
+pub mod load_pretrained;
 pub mod train_tokenizer;
 
 use rlhf_engine::Registry;
@@ -10,5 +11,6 @@ use rlhf_engine::Registry;
 pub fn register_all(registry: &mut Registry) {
     registry.register::<command::CommandStage>();
     registry.register::<dataset::DatasetStage>();
+    registry.register::<load_pretrained::LoadPretrainedStage>();
     registry.register::<train_tokenizer::TrainTokenizerStage>();
 }
