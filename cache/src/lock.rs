@@ -5,6 +5,8 @@
 //!   meanwhile), and runs the stage only on a miss.
 //! - The *cache lock* (`v1/cache.lock`) is held shared by every run for its whole
 //!   duration, and exclusively by gc and verify, so they never delete under a running run.
+//!   gc and verify take it themselves (failing with [`CacheError::Busy`] while a run
+//!   holds it), or run under the caller's when this process already holds it exclusively.
 //!
 //! flock locks belong to an open file description: two `lock_key` calls for one key
 //! conflict even inside one process (so threads are serialised too), and taking the
@@ -16,8 +18,10 @@
 use crate::error::{CacheError, IoResultExt};
 use crate::fsutil::validate_key;
 use crate::store::{open_lock_file, Cache};
+use std::collections::BTreeMap;
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Exclusive lock on one stage key; released on drop.
 #[derive(Debug)]
@@ -41,14 +45,53 @@ impl KeyLock {
 /// Shared or exclusive lock on the whole cache; released on drop.
 #[derive(Debug)]
 pub struct CacheLock {
+    path: PathBuf,
     exclusive: bool,
     _file: File,
 }
 
 impl CacheLock {
+    fn new(path: PathBuf, exclusive: bool, file: File) -> CacheLock {
+        if exclusive {
+            let mut holds = exclusive_holds();
+            *holds.entry(path.clone()).or_insert(0) += 1;
+        }
+        CacheLock {
+            path,
+            exclusive,
+            _file: file,
+        }
+    }
+
     pub fn is_exclusive(&self) -> bool {
         self.exclusive
     }
+}
+
+impl Drop for CacheLock {
+    fn drop(&mut self) {
+        if self.exclusive {
+            let mut holds = exclusive_holds();
+            if let Some(count) = holds.get_mut(&self.path) {
+                *count -= 1;
+                if *count == 0 {
+                    holds.remove(&self.path);
+                }
+            }
+        }
+    }
+}
+
+/// Exclusive cache locks this process holds, by lock-file path, so gc and verify can
+/// run under a lock their caller took (a second flock would wait for the first).
+fn exclusive_holds() -> MutexGuard<'static, BTreeMap<PathBuf, usize>> {
+    static HOLDS: Mutex<BTreeMap<PathBuf, usize>> = Mutex::new(BTreeMap::new());
+    // A panic while holding this tiny map cannot leave it inconsistent.
+    HOLDS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn holds_exclusive(path: &Path) -> bool {
+    exclusive_holds().get(path).is_some_and(|count| *count > 0)
 }
 
 /// Waits until this process holds a lock on `path` (exclusive or shared).
@@ -82,10 +125,6 @@ impl Cache {
         self.sub("locks").join(format!("{key}.lock"))
     }
 
-    pub(crate) fn cache_lock_path(&self) -> PathBuf {
-        self.sub("cache.lock")
-    }
-
     /// Blocks until this process holds `v1/locks/<key>.lock` exclusively.
     pub fn lock_key(&self, key: &str) -> Result<KeyLock, CacheError> {
         validate_key(key)?;
@@ -111,37 +150,37 @@ impl Cache {
 
     /// Held (shared) by a run for its whole duration; many runs may hold it at once.
     pub fn lock_shared(&self) -> Result<CacheLock, CacheError> {
-        let file = acquire(&self.cache_lock_path(), false)?;
-        Ok(CacheLock {
-            exclusive: false,
-            _file: file,
-        })
+        let path = self.cache_lock_path();
+        let file = acquire(&path, false)?;
+        Ok(CacheLock::new(path, false, file))
     }
 
-    /// Blocks until no run holds the cache; gc and verify take this (through
-    /// [`Cache::try_lock_exclusive`]) so they never delete under a running run.
+    /// Blocks until no run holds the cache. gc and verify need it; they take it
+    /// themselves, or run under this one when the caller already holds it.
     pub fn lock_exclusive(&self) -> Result<CacheLock, CacheError> {
-        let file = acquire(&self.cache_lock_path(), true)?;
-        Ok(CacheLock {
-            exclusive: true,
-            _file: file,
-        })
+        let path = self.cache_lock_path();
+        let file = acquire(&path, true)?;
+        Ok(CacheLock::new(path, true, file))
     }
 
     /// The exclusive cache lock if no run holds the cache, `None` otherwise.
     pub fn try_lock_exclusive(&self) -> Result<Option<CacheLock>, CacheError> {
-        Ok(
-            try_acquire(&self.cache_lock_path(), true)?.map(|file| CacheLock {
-                exclusive: true,
-                _file: file,
-            }),
-        )
+        let path = self.cache_lock_path();
+        Ok(try_acquire(&path, true)?.map(|file| CacheLock::new(path, true, file)))
     }
 
-    /// The exclusive cache lock, or [`CacheError::Busy`] naming the cache.
-    pub(crate) fn exclusive_or_busy(&self) -> Result<CacheLock, CacheError> {
-        self.try_lock_exclusive()?.ok_or_else(|| CacheError::Busy {
-            path: self.dir().to_path_buf(),
-        })
+    /// For gc and verify: `None` when this process already holds the exclusive cache
+    /// lock (the caller took [`Cache::lock_exclusive`] first), the lock when it is free,
+    /// and [`CacheError::Busy`] naming the cache while a run holds it.
+    pub(crate) fn exclusive_or_busy(&self) -> Result<Option<CacheLock>, CacheError> {
+        if holds_exclusive(&self.cache_lock_path()) {
+            return Ok(None);
+        }
+        match self.try_lock_exclusive()? {
+            Some(lock) => Ok(Some(lock)),
+            None => Err(CacheError::Busy {
+                path: self.dir().to_path_buf(),
+            }),
+        }
     }
 }

@@ -43,6 +43,8 @@ pub(crate) const SUBDIRS: [&str; 9] = [
 pub struct Cache {
     dir: PathBuf,
     root: PathBuf,
+    /// `root` with symlinks resolved: one name per cache for in-process lock bookkeeping.
+    canonical_root: PathBuf,
 }
 
 impl Cache {
@@ -55,15 +57,22 @@ impl Cache {
         }
         let object_locks = root.join("locks").join("objects");
         fs::create_dir_all(&object_locks).at(&object_locks)?;
+        let canonical_root = fs::canonicalize(&root).at(&root)?;
         Ok(Cache {
             dir: dir.to_path_buf(),
             root,
+            canonical_root,
         })
     }
 
     /// The directory given to [`Cache::open`].
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// `v1/cache.lock`, by its canonical path.
+    pub(crate) fn cache_lock_path(&self) -> PathBuf {
+        self.canonical_root.join("cache.lock")
     }
 
     /// `<dir>/v1/<sub>`.

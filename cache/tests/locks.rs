@@ -144,3 +144,30 @@ fn lock_and_exit_child() {
     std::mem::forget(lock);
     std::process::exit(0);
 }
+
+#[test]
+fn gc_and_verify_run_under_the_callers_exclusive_lock() {
+    let (dir, cache) = new_cache();
+    let exclusive = cache.lock_exclusive().unwrap();
+    // Another handle on the same cache, spelled differently, in the same process.
+    let relative = dir.path().join("cache/../cache");
+    let other = Cache::open(&relative).unwrap();
+    other
+        .gc(&Default::default(), &Default::default(), true)
+        .unwrap();
+    other.verify().unwrap();
+    drop(exclusive);
+    // Without it, they take the lock themselves, and it is free again afterwards.
+    cache.verify().unwrap();
+    assert!(cache.try_lock_exclusive().unwrap().is_some());
+}
+
+#[test]
+fn gc_in_a_process_holding_only_the_shared_lock_is_busy() {
+    let (_dir, cache) = new_cache();
+    let _run = cache.lock_shared().unwrap();
+    assert!(matches!(
+        cache.gc(&Default::default(), &Default::default(), true),
+        Err(rlhf_cache::CacheError::Busy { .. })
+    ));
+}
