@@ -22,7 +22,10 @@ use rlhf_stages::algo::lm::{
 use rlhf_stages::algo::masked::{
     masked_mean, masked_mean_per_row, masked_sum, masked_var, masked_whiten,
 };
-use rlhf_stages::algo::ppo::{per_token_rewards, ppo_policy_loss, ppo_value_loss};
+use rlhf_stages::algo::ppo::{
+    clip_scores, explained_variance, penalize_missing_eos, per_token_rewards, ppo_policy_loss,
+    ppo_value_loss,
+};
 use rlhf_stages::algo::reward::{bradley_terry_loss, pair_accuracy};
 use rlhf_stages::algo::schedule::{LearningRateSchedule, ScheduleKind};
 use rlhf_stages::algo::AlgoError;
@@ -570,7 +573,10 @@ fn cross_entropy_gradient_flows_in_f32_and_agrees_with_finite_differences() {
         .unwrap();
     let analytic = values(grads.get(logits.as_tensor()).unwrap());
     let base = values(logits.as_tensor());
-    let index = 11 + 10; // row 0, position 1, class 10: a selected token's own logit
+    // The logit with the largest gradient: a selected token's own logit, whatever the data.
+    let index = (0..analytic.len())
+        .max_by(|&a, &b| analytic[a].abs().total_cmp(&analytic[b].abs()))
+        .unwrap();
     let h = 1e-2;
     let mut plus = base.clone();
     plus[index] += h;
@@ -644,5 +650,79 @@ fn log_sigmoid_is_stable_and_its_gradient_at_zero_is_one_half() {
         &[1.0, 0.5, 0.0],
         1e-15,
         "d log σ / dx",
+    );
+}
+
+#[test]
+fn score_clipping_missing_eos_penalty_and_explained_variance_match_reference() {
+    let r = &reference()["score_helpers"];
+    let scores = tensor(&r["scores"]);
+    let clipped = clip_scores(&scores, r["clip_limit"].as_f64().unwrap()).unwrap();
+    assert_tensor(&clipped, &r["clipped"], "clip_scores");
+    let has_eos: Vec<bool> = r["has_eos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_bool().unwrap())
+        .collect();
+    let penalised = penalize_missing_eos(
+        &scores,
+        &has_eos,
+        r["missing_eos_penalty"].as_f64().unwrap(),
+    )
+    .unwrap();
+    assert_tensor(&penalised, &r["penalised"], "penalize_missing_eos");
+    let explained =
+        explained_variance(&tensor(&r["values"]), &tensor(&r["returns"]), &mask()).unwrap();
+    assert_close_values(
+        &[explained],
+        &[r["explained_variance"].as_f64().unwrap()],
+        1e-10,
+        "explained_variance",
+    );
+}
+
+#[test]
+fn a_ppo_step_chained_like_trl_gives_trl_advantages_loss_and_gradient() {
+    // rewards (k1 KL, score on the last token) -> GAE -> whitened advantages -> policy loss.
+    let r = &reference()["ppo_pipeline"];
+    let get = |k: &str| r[k].as_f64().unwrap();
+    let kl = kl_estimate(
+        &tensor(&r["logprobs"]),
+        &tensor(&r["reference_logprobs"]),
+        KlEstimator::K1,
+    )
+    .unwrap();
+    let shaped = per_token_rewards(&tensor(&r["scores"]), &kl, get("kl_coef"), &mask()).unwrap();
+    let out = gae(
+        &shaped.rewards,
+        &tensor(&r["values"]),
+        &mask(),
+        get("gamma"),
+        get("lambda"),
+    )
+    .unwrap();
+    let advantages = masked_whiten(&out.advantages, &mask(), true).unwrap();
+    assert_tensor(
+        &advantages,
+        &r["whitened_advantages"],
+        "whitened advantages",
+    );
+    assert_tensor(&out.returns, &r["returns"], "returns");
+    let new_logprobs = Var::from_tensor(&tensor(&r["new_logprobs"])).unwrap();
+    let policy = ppo_policy_loss(
+        new_logprobs.as_tensor(),
+        &tensor(&r["logprobs"]),
+        &advantages,
+        &mask(),
+        get("clip_epsilon"),
+    )
+    .unwrap();
+    assert_scalar(&policy.loss, &r["policy_loss"], "policy loss");
+    let grads = policy.loss.backward().unwrap();
+    assert_tensor(
+        grads.get(new_logprobs.as_tensor()).unwrap(),
+        &r["grad_new_logprobs"],
+        "gradient",
     );
 }

@@ -150,6 +150,43 @@ for score, kl_row, m in zip(scores, kl_tok, mask):
 out["rewards"] = {"scores": L(scores), "kl": L(kl_tok), "kl_coef": kl_coef,
                   "rewards": L(torch.stack(shaped)), "non_score_rewards": L(-kl_coef * kl_tok)}
 
+# ---- score clipping, missing-EOS penalty, explained variance ----
+raw_scores = torch.tensor([2.5, -0.4, -3.0, 0.9])
+has_eos = [True, False, True, False]
+clipped = torch.clamp(raw_scores, -1.0, 1.0)                       # TRL score_clip / seeds reward_score_clip
+penalised = raw_scores.clone()
+penalised[~torch.tensor(has_eos)] -= 1.5                            # TRL missing_eos_penalty
+ev_values, ev_returns = torch.randn(3, 6), torch.randn(3, 6)
+sel = mask.bool()
+y_pred, y_true = ev_values[sel].numpy(), ev_returns[sel].numpy()    # CleanRL: 1 - var(y - y_hat) / var(y)
+explained = 1 - (y_true - y_pred).var() / y_true.var()
+out["score_helpers"] = {"scores": L(raw_scores), "has_eos": has_eos, "clip_limit": 1.0, "clipped": L(clipped),
+                        "missing_eos_penalty": 1.5, "penalised": L(penalised),
+                        "values": L(ev_values), "returns": L(ev_returns), "explained_variance": float(explained)}
+
+# ---- a whole PPO step as TRL chains it: rewards -> GAE -> whitened advantages -> losses ----
+pipe_scores = torch.tensor([1.0, -0.5, 0.25])
+pipe_logp = -torch.rand(3, 6) * 2
+pipe_ref = pipe_logp + 0.2 * torch.randn(3, 6)
+pipe_values = torch.randn(3, 6)
+kl_k1 = (pipe_logp - pipe_ref) * mask
+rows = []
+for score, kl_row, m in zip(pipe_scores, kl_k1, mask):
+    reward = -0.05 * kl_row
+    reward[m.nonzero()[-1]] += score
+    rows.append(reward)
+pipe_rewards = torch.stack(rows)
+pipe_adv, pipe_ret = trl_gae(pipe_rewards, pipe_values, mask, 1.0, 0.95)
+pipe_adv = masked_whiten(pipe_adv, mask)
+pipe_new = (pipe_logp + 0.1 * torch.randn(3, 6)).requires_grad_()
+r_ = torch.exp(pipe_new - pipe_logp)
+pipe_pg = masked_mean(torch.max(-pipe_adv * r_, -pipe_adv * torch.clamp(r_, 0.8, 1.2)), mask)
+(pipe_grad,) = torch.autograd.grad(pipe_pg, pipe_new)
+out["ppo_pipeline"] = {"scores": L(pipe_scores), "logprobs": L(pipe_logp), "reference_logprobs": L(pipe_ref),
+                       "values": L(pipe_values), "kl_coef": 0.05, "gamma": 1.0, "lambda": 0.95, "clip_epsilon": 0.2,
+                       "new_logprobs": L(pipe_new), "whitened_advantages": L(pipe_adv), "returns": L(pipe_ret),
+                       "policy_loss": pipe_pg.item(), "grad_new_logprobs": L(pipe_grad)}
+
 # ---- entropy (TRL: logsumexp(logits) - sum(softmax * logits)) ----
 logits = torch.randn(2, 3, 7, requires_grad=True)
 ent = torch.logsumexp(logits, dim=-1) - torch.sum(F.softmax(logits, dim=-1) * logits, dim=-1)
