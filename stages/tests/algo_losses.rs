@@ -726,3 +726,85 @@ fn a_ppo_step_chained_like_trl_gives_trl_advantages_loss_and_gradient() {
         "gradient",
     );
 }
+
+#[test]
+fn losses_computed_in_f32_agree_with_the_reference_to_single_precision() {
+    // Training runs in f32: the same formulas must work there (dtype handling of scalars,
+    // masks and comparisons), within single-precision rounding.
+    let f32_tensor = |v: &Value| tensor(v).to_dtype(DType::F32).unwrap();
+    let f32_mask = mask().to_dtype(DType::F32).unwrap();
+    let close = |actual: &Tensor, expected: &Value, what: &str| {
+        let expected = match expected {
+            Value::Number(_) => vec![expected.as_f64().unwrap()],
+            _ => values(&tensor(expected)),
+        };
+        assert_close_values(&values(actual), &expected, 1e-4, what);
+    };
+
+    let r = &reference()["ppo_policy"];
+    let out = ppo_policy_loss(
+        &f32_tensor(&r["logprobs"]),
+        &f32_tensor(&r["old_logprobs"]),
+        &f32_tensor(&r["advantages"]),
+        &f32_mask,
+        0.2,
+    )
+    .unwrap();
+    close(&out.loss, &r["loss"], "ppo policy f32");
+
+    let r = &reference()["ppo_value"];
+    let out = ppo_value_loss(
+        &f32_tensor(&r["values"]),
+        &f32_tensor(&r["old_values"]),
+        &f32_tensor(&r["returns"]),
+        &f32_mask,
+        0.2,
+    )
+    .unwrap();
+    close(&out.loss, &r["loss"], "ppo value f32");
+
+    let r = &reference()["grpo"];
+    let config = GrpoLossConfig {
+        clip_epsilon: 0.2,
+        beta: r["beta"].as_f64().unwrap(),
+        aggregation: LossAggregation::Token,
+    };
+    let reference_logprobs = f32_tensor(&r["reference_logprobs"]);
+    let out = grpo_loss(
+        &f32_tensor(&r["logprobs"]),
+        &f32_tensor(&r["old_logprobs"]),
+        Some(&reference_logprobs),
+        &f32_tensor(&r["advantages"]),
+        &f32_mask,
+        config,
+    )
+    .unwrap();
+    close(&out.loss, &r["cases"][0]["loss"], "grpo f32");
+
+    let r = &reference()["dpo"];
+    let case = &r["cases"][0];
+    let out = dpo_loss(
+        &f32_tensor(&r["policy_chosen"]),
+        &f32_tensor(&r["policy_rejected"]),
+        &f32_tensor(&r["reference_chosen"]),
+        &f32_tensor(&r["reference_rejected"]),
+        case["beta"].as_f64().unwrap(),
+        DpoLossType::Sigmoid,
+        0.0,
+    )
+    .unwrap();
+    close(&out.loss, &case["loss"], "dpo f32");
+
+    let r = &reference()["gae"];
+    let case = &r["cases"][0];
+    let out = gae(
+        &f32_tensor(&r["rewards"]),
+        &f32_tensor(&r["values"]),
+        &f32_mask,
+        1.0,
+        0.95,
+    )
+    .unwrap();
+    assert_eq!(out.advantages.dtype(), DType::F32);
+    close(&out.advantages, &case["advantages"], "gae f32");
+}
