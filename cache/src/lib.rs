@@ -11,6 +11,20 @@
 //!   ([`Cache::digest_external`]).
 //!
 //! Nothing here knows about ML or about pipelines; the engine decides keys and roots.
+//!
+//! The protocol a run follows (what makes two concurrent runs safe and each stage run once):
+//!
+//! 1. hold [`Cache::lock_shared`] for the whole run (gc and verify wait for it);
+//! 2. per stage: [`Cache::lock_key`] (flock: also excludes other threads; never take the
+//!    same key twice in one thread), then [`Cache::read_record`]; a hit counts only if
+//!    [`Cache::check_artifact`] is `Ok` for every output; a `CorruptRecord` is a miss;
+//! 3. on a miss: build each output in a [`Cache::staging_dir`] (checkpoints in
+//!    [`Cache::scratch_dir`]), [`Cache::commit_artifact`] each, then
+//!    [`Cache::write_record`], then [`Cache::clear_scratch`]; drop the key lock.
+//!
+//! [`Cache::gc`] and [`Cache::verify`] take the exclusive cache lock themselves (or run
+//! under the caller's [`Cache::lock_exclusive`]); they fail with [`CacheError::Busy`]
+//! while a run holds it shared, and never wait.
 
 mod artifact;
 mod digest;

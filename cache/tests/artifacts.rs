@@ -301,3 +301,19 @@ fn digest_of(files: &[(&str, &[u8])]) -> String {
     write_tree(dir.path(), files);
     digest_dir(dir.path()).unwrap()
 }
+
+#[test]
+fn concurrent_commits_of_identical_content_keep_one_healthy_object() {
+    let (dir, cache) = new_cache();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let cache = cache.clone();
+            std::thread::spawn(move || commit(&cache, &FILES))
+        })
+        .collect();
+    let digests: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(digests.iter().all(|d| *d == digests[0]));
+    assert_eq!(cache.check_artifact(&digests[0]), ArtifactHealth::Ok);
+    assert_eq!(count_entries(&dir.path().join("cache/v1/objects")), 2);
+    assert_eq!(count_entries(&dir.path().join("cache/v1/staging")), 0);
+}
