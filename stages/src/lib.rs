@@ -2,7 +2,9 @@
 //!
 //! - [`model`]: causal LMs (Llama family), LoRA, heads, KV-cache generation.
 //! - [`data`]: dataset sources and formats, prompt templates, tokenizers, batching.
-//! - [`algo`]: losses and estimators as pure functions (GAE, KL, PPO, GRPO, DPO, ROUGE).
+//! - [`algo`]: losses and estimators as pure functions (GAE, KL, PPO, GRPO, DPO).
+//! - [`eval`]: evaluation metrics (ROUGE as rouge-score computes it, perplexity, exact match).
+//! - [`hub`]: `hf://` references fetched and cached through hf-hub.
 //! - [`kinds`]: one module per stage kind, registered in [`registry`].
 
 pub mod algo;
@@ -20,7 +22,8 @@ pub fn registry() -> rlhf_engine::Registry {
     registry
 }
 
-/// Access to the Hugging Face hub for `hf://` references, if this build has it.
+/// Access to the Hugging Face hub for `hf://` references, configured from the
+/// environment (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN).
 pub fn hub_resolver() -> Option<Box<dyn rlhf_engine::hub::HubResolver>> {
-    None
+    Some(Box::new(hub::HfHubResolver::from_env()))
 }
