@@ -13,13 +13,22 @@ use rlhf_stages::data::tokenizer::{train_bpe, BpeSettings, SpecialTokens};
 use std::sync::OnceLock;
 use tokenizers::Tokenizer;
 
-const SPECIAL: SpecialTokens = SpecialTokens { pad: 0, eos: 2, bos: Some(1) };
+const SPECIAL: SpecialTokens = SpecialTokens {
+    pad: 0,
+    eos: 2,
+    bos: Some(1),
+};
 
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
-        let spec: SyntheticSpec = serde_json::from_value(serde_json::json!({ "count": 2000, "plain_text_fraction": 0.3 })).unwrap();
-        let texts: Vec<String> = generate(&spec, 1).unwrap().into_iter().map(|r| r.text.unwrap()).collect();
+        let spec: SyntheticSpec =
+            serde_json::from_value(serde_json::json!({ "count": 2000, "plain_text_fraction": 0.3 })).unwrap();
+        let texts: Vec<String> = generate(&spec, 1)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.text.unwrap())
+            .collect();
         let mut texts = texts;
         texts.push("User: Assistant: Name a colour. Red".into());
         train_bpe(texts.iter().map(String::as_str), &BpeSettings::default()).unwrap()
@@ -31,7 +40,11 @@ fn ids(text: &str) -> Vec<u32> {
 }
 
 fn row(prompt: &str, completion: &str) -> Row {
-    Row { prompt: Some(prompt.into()), completion: Some(completion.into()), ..Row::default() }
+    Row {
+        prompt: Some(prompt.into()),
+        completion: Some(completion.into()),
+        ..Row::default()
+    }
 }
 
 #[test]
@@ -43,13 +56,19 @@ fn prompt_and_completion_are_tokenised_apart_and_eos_ends_the_completion() {
     let mut completion = ids(" 19");
     completion.push(2);
     assert_eq!(example.completion, completion);
-    assert_eq!(encoder.encode_prompt(&row("Q: 12+7=\nA:", " 19")).unwrap(), example.prompt);
+    assert_eq!(
+        encoder.encode_prompt(&row("Q: 12+7=\nA:", " 19")).unwrap(),
+        example.prompt
+    );
 }
 
 #[test]
 fn the_default_template_wraps_the_prompt_and_bos_is_added_only_when_asked() {
     let renderer = PromptTemplate::default().renderer().unwrap();
-    let example = Encoder::new(tokenizer(), &renderer, SPECIAL).encode_example(&row("Name a colour.", "Red")).unwrap().unwrap();
+    let example = Encoder::new(tokenizer(), &renderer, SPECIAL)
+        .encode_example(&row("Name a colour.", "Red"))
+        .unwrap()
+        .unwrap();
     assert_eq!(example.prompt, ids("User: Name a colour.\n\nAssistant: "));
     let with_bos = Encoder::new(tokenizer(), &renderer, SPECIAL).with_bos(true);
     let example = with_bos.encode_example(&row("Name a colour.", "Red")).unwrap().unwrap();
@@ -102,10 +121,20 @@ fn max_length_cuts_completions_and_drops_prompts_that_fill_it() {
 fn preference_batch_puts_chosen_rows_first_and_masks_the_replies() {
     let renderer = PromptTemplate::plain("{prompt}").unwrap().renderer().unwrap();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
-    let pair_row = Row { prompt: Some("Q: 5+5=\nA:".into()), chosen: Some(" 10".into()), rejected: Some(" 100".into()), ..Row::default() };
+    let pair_row = Row {
+        prompt: Some("Q: 5+5=\nA:".into()),
+        chosen: Some(" 10".into()),
+        rejected: Some(" 100".into()),
+        ..Row::default()
+    };
     let pair = encoder.encode_pair(&pair_row).unwrap().unwrap();
     let other = encoder
-        .encode_pair(&Row { prompt: Some("Q: 1+2=\nA:".into()), chosen: Some(" 3".into()), rejected: Some(" 4".into()), ..Row::default() })
+        .encode_pair(&Row {
+            prompt: Some("Q: 1+2=\nA:".into()),
+            chosen: Some(" 3".into()),
+            rejected: Some(" 4".into()),
+            ..Row::default()
+        })
         .unwrap()
         .unwrap();
     let batch = collate_pairs(&[&pair, &other], SPECIAL.pad);
@@ -116,16 +145,32 @@ fn preference_batch_puts_chosen_rows_first_and_masks_the_replies() {
     assert_eq!(row_of(1), with(&other.prompt, &other.chosen));
     assert_eq!(row_of(2), with(&pair.prompt, &pair.rejected));
     assert_eq!(row_of(3), with(&other.prompt, &other.rejected));
-    assert_eq!(batch.prompt_lengths, [pair.prompt.len(), other.prompt.len(), pair.prompt.len(), other.prompt.len()]);
+    assert_eq!(
+        batch.prompt_lengths,
+        [
+            pair.prompt.len(),
+            other.prompt.len(),
+            pair.prompt.len(),
+            other.prompt.len()
+        ]
+    );
     let masked: usize = batch.loss_mask.iter().map(|&m| usize::from(m)).sum();
-    assert_eq!(masked, pair.chosen.len() + other.chosen.len() + pair.rejected.len() + other.rejected.len());
+    assert_eq!(
+        masked,
+        pair.chosen.len() + other.chosen.len() + pair.rejected.len() + other.rejected.len()
+    );
 }
 
 #[test]
 fn text_batches_train_on_every_real_token_and_prompt_batches_on_none() {
     let renderer = PromptTemplate::default().renderer().unwrap();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
-    let text = encoder.encode_lm_text(&Row { text: Some("12 plus 7 is 19.".into()), ..Row::default() }).unwrap();
+    let text = encoder
+        .encode_lm_text(&Row {
+            text: Some("12 plus 7 is 19.".into()),
+            ..Row::default()
+        })
+        .unwrap();
     assert_eq!(text, [ids("12 plus 7 is 19."), vec![2]].concat());
     let short = vec![5u32, 6];
     let batch = collate_texts(&[&text, &short], SPECIAL.pad);
@@ -134,15 +179,25 @@ fn text_batches_train_on_every_real_token_and_prompt_batches_on_none() {
     let prompts = collate_prompts(&[&text, &short], SPECIAL.pad);
     assert!(prompts.loss_mask.iter().all(|&m| m == 0));
     assert_eq!(prompts.prompt_lengths, [text.len(), 2]);
-    assert_eq!(&prompts.input_ids[prompts.seq_len..prompts.seq_len + 3], [5, 6, SPECIAL.pad]);
+    assert_eq!(
+        &prompts.input_ids[prompts.seq_len..prompts.seq_len + 3],
+        [5, 6, SPECIAL.pad]
+    );
 }
 
 #[test]
 fn chat_template_completions_end_the_turn_themselves() {
-    let config = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/chat_templates/smollm2/tokenizer_config.json");
-    let renderer = PromptTemplate::from_tokenizer_config(&config).unwrap().renderer().unwrap();
+    let config = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data/chat_templates/smollm2/tokenizer_config.json");
+    let renderer = PromptTemplate::from_tokenizer_config(&config)
+        .unwrap()
+        .renderer()
+        .unwrap();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
-    let chat = Row { messages: Some(vec![Message::new("user", "Hi"), Message::new("assistant", "Hello")]), ..Row::default() };
+    let chat = Row {
+        messages: Some(vec![Message::new("user", "Hi"), Message::new("assistant", "Hello")]),
+        ..Row::default()
+    };
     let example = encoder.encode_example(&chat).unwrap().unwrap();
     assert_eq!(example.completion, ids("Hello<|im_end|>\n"));
     let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
@@ -168,12 +223,18 @@ fn epoch_order_covers_every_example_once_and_is_seeded_by_epoch() {
 fn length_grouping_cuts_padding() {
     let lengths: Vec<usize> = (0..2000).map(|i| 5 + (i * 7919) % 200).collect();
     let padded = |batches: Vec<Vec<usize>>| -> usize {
-        batches.iter().map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap()).sum()
+        batches
+            .iter()
+            .map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap())
+            .sum()
     };
     let plain = padded(epoch_batches(&lengths, 16, 0, 0, false));
     let grouped = padded(epoch_batches(&lengths, 16, 0, 0, true));
     let real: usize = lengths.iter().sum();
-    assert!((grouped - real) * 5 < plain - real, "grouping should remove most padding: plain {plain}, grouped {grouped}, real {real}");
+    assert!(
+        (grouped - real) * 5 < plain - real,
+        "grouping should remove most padding: plain {plain}, grouped {grouped}, real {real}"
+    );
 }
 
 #[test]
@@ -193,4 +254,38 @@ fn batches_convert_to_candle_tensors_of_shape_batch_by_length() {
     let mask = batch.attention_mask_tensor(&device).unwrap();
     assert_eq!(mask.to_vec2::<f32>().unwrap(), [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]);
     assert_eq!(batch.loss_mask_tensor(&device).unwrap().dtype(), DType::F32);
+}
+
+#[test]
+fn batch_encoding_equals_row_by_row_encoding() {
+    let renderer = PromptTemplate::default().renderer().unwrap();
+    let rows: Vec<Row> = (0..50)
+        .map(|i| row(&format!("Q: {i}+{i}=\nA:"), &format!(" {} and more words here", 2 * i)))
+        .collect();
+    // Room for three completion tokens after the longest prompt.
+    let unlimited = Encoder::new(tokenizer(), &renderer, SPECIAL).with_bos(true);
+    let longest = rows
+        .iter()
+        .map(|r| unlimited.encode_prompt(r).unwrap().len())
+        .max()
+        .unwrap();
+    let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL)
+        .with_bos(true)
+        .with_max_length(longest + 3);
+    let one_by_one: Vec<_> = rows.iter().map(|r| encoder.encode_example(r).unwrap()).collect();
+    assert_eq!(encoder.encode_examples(&rows).unwrap(), one_by_one);
+    let lengths: Vec<(usize, usize)> = one_by_one
+        .iter()
+        .flatten()
+        .map(|e| (e.prompt.len(), e.completion.len()))
+        .collect();
+    assert_eq!(lengths.len(), rows.len());
+    assert!(
+        lengths.iter().all(|(p, c)| p + c <= longest + 3),
+        "max_length applied: {lengths:?}"
+    );
+    assert!(
+        lengths.iter().any(|(p, c)| p + c == longest + 3),
+        "max_length reached: {lengths:?}"
+    );
 }

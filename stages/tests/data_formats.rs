@@ -9,7 +9,9 @@ use rlhf_stages::testing::shared_path;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data")
+        .join(name)
 }
 
 fn options(format: Format) -> LoadOptions {
@@ -60,14 +62,21 @@ fn on_error_skip_skips_and_counts_every_kind_of_bad_row() {
     let prompts: Vec<_> = loaded.rows.iter().map(|r| r.prompt.clone().unwrap()).collect();
     assert_eq!(prompts, ["Say hi.", "Count to two."]);
     let reasons = loaded.skip_examples.join("\n");
-    for expected in [":2: malformed record", ":3: missing field `response`", ":6: malformed record", ":7: field `response` must be a string"] {
+    for expected in [
+        ":2: malformed record",
+        ":3: missing field `response`",
+        ":6: malformed record",
+        ":7: field `response` must be a string",
+    ] {
         assert!(reasons.contains(expected), "{expected} not in\n{reasons}");
     }
 }
 
 #[test]
 fn csv_reads_quoted_fields_and_keeps_answers() {
-    let rows = load_rows(&fixture("prompt_completion.csv"), &options(Format::PromptCompletion)).unwrap().rows;
+    let rows = load_rows(&fixture("prompt_completion.csv"), &options(Format::PromptCompletion))
+        .unwrap()
+        .rows;
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0].prompt.as_deref(), Some("Q: 1+2=\nA:"));
     assert_eq!(rows[0].completion.as_deref(), Some(" 3"));
@@ -78,11 +87,19 @@ fn csv_reads_quoted_fields_and_keeps_answers() {
 
 #[test]
 fn csv_row_with_extra_field_names_its_line() {
-    let error = load_rows(&fixture("prompt_completion_malformed.csv"), &options(Format::PromptCompletion)).unwrap_err();
+    let error = load_rows(
+        &fixture("prompt_completion_malformed.csv"),
+        &options(Format::PromptCompletion),
+    )
+    .unwrap_err();
     let message = error.to_string();
     assert!(message.contains("prompt_completion_malformed.csv:3"), "{message}");
     assert!(message.contains("expected 2 fields"), "{message}");
-    let loaded = load_rows(&fixture("prompt_completion_malformed.csv"), &skipping(Format::PromptCompletion)).unwrap();
+    let loaded = load_rows(
+        &fixture("prompt_completion_malformed.csv"),
+        &skipping(Format::PromptCompletion),
+    )
+    .unwrap();
     assert_eq!((loaded.rows.len(), loaded.skipped), (2, 1));
 }
 
@@ -91,14 +108,19 @@ fn chat_reads_a_json_data_object_of_message_lists() {
     let rows = load_rows(&fixture("chat.json"), &options(Format::Chat)).unwrap().rows;
     assert_eq!(rows.len(), 2);
     let (before, reply) = rows[1].split_last_assistant().unwrap();
-    assert_eq!(before, [Message::new("system", "Be brief."), Message::new("user", "2+2?")]);
+    assert_eq!(
+        before,
+        [Message::new("system", "Be brief."), Message::new("user", "2+2?")]
+    );
     assert_eq!(reply, "4");
     assert_eq!(rows[1].category.as_deref(), Some("math"));
 }
 
 #[test]
 fn malformed_chat_records_name_their_row_index() {
-    let error = load_rows(&fixture("chat_malformed.json"), &options(Format::Chat)).unwrap_err().to_string();
+    let error = load_rows(&fixture("chat_malformed.json"), &options(Format::Chat))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("chat_malformed.json (row index 1)"), "{error}");
     assert!(error.contains("has no `content`"), "{error}");
     let loaded = load_rows(&fixture("chat_malformed.json"), &skipping(Format::Chat)).unwrap();
@@ -107,13 +129,25 @@ fn malformed_chat_records_name_their_row_index() {
 
 #[test]
 fn parquet_rows_read_with_the_row_api_and_nulls_are_bad_rows() {
-    let error = load_rows(&fixture("prompt_completion.parquet"), &options(Format::PromptCompletion)).unwrap_err();
+    let error = load_rows(
+        &fixture("prompt_completion.parquet"),
+        &options(Format::PromptCompletion),
+    )
+    .unwrap_err();
     let message = error.to_string();
     assert!(message.contains("prompt_completion.parquet (row index 2)"), "{message}");
     assert!(message.contains("missing field `completion`"), "{message}");
-    let loaded = load_rows(&fixture("prompt_completion.parquet"), &skipping(Format::PromptCompletion)).unwrap();
+    let loaded = load_rows(
+        &fixture("prompt_completion.parquet"),
+        &skipping(Format::PromptCompletion),
+    )
+    .unwrap();
     assert_eq!(loaded.skipped, 1);
-    let expected = [("Q: 1+1=\nA:", " 2", Some("2")), ("Name a fruit.", " An apple.", None), ("Q: 9-3=\nA:", " 6", Some("6"))];
+    let expected = [
+        ("Q: 1+1=\nA:", " 2", Some("2")),
+        ("Name a fruit.", " An apple.", None),
+        ("Q: 9-3=\nA:", " 6", Some("6")),
+    ];
     assert_eq!(loaded.rows.len(), expected.len());
     for (row, (prompt, completion, answer)) in loaded.rows.iter().zip(expected) {
         assert_eq!(row.prompt.as_deref(), Some(prompt));
@@ -124,7 +158,9 @@ fn parquet_rows_read_with_the_row_api_and_nulls_are_bad_rows() {
 
 #[test]
 fn parquet_lists_of_structs_become_chat_messages() {
-    let rows = load_rows(&fixture("chat.parquet"), &options(Format::Auto)).unwrap().rows;
+    let rows = load_rows(&fixture("chat.parquet"), &options(Format::Auto))
+        .unwrap()
+        .rows;
     assert_eq!(rows.len(), 2);
     assert_eq!(
         rows[0].messages.as_deref(),
@@ -135,9 +171,14 @@ fn parquet_lists_of_structs_become_chat_messages() {
 
 #[test]
 fn preference_rows_keep_prompt_and_margin() {
-    let rows = load_rows(&fixture("preference.jsonl"), &options(Format::Preference)).unwrap().rows;
+    let rows = load_rows(&fixture("preference.jsonl"), &options(Format::Preference))
+        .unwrap()
+        .rows;
     let pair = rows[0].preference().unwrap();
-    assert_eq!((pair.prompt, pair.chosen, pair.rejected, pair.margin), ("Q: 2+2=\nA:", " 4", " 5", Some(1.5)));
+    assert_eq!(
+        (pair.prompt, pair.chosen, pair.rejected, pair.margin),
+        ("Q: 2+2=\nA:", " 4", " 5", Some(1.5))
+    );
     assert_eq!(rows[1].preference().unwrap().margin, None);
 }
 
@@ -146,11 +187,20 @@ fn hh_rlhf_dialogues_split_at_the_last_assistant_turn() {
     let loaded = load_rows(&fixture("hh.jsonl"), &skipping(Format::Preference)).unwrap();
     assert_eq!(loaded.skipped, 2, "{:?}", loaded.skip_examples);
     let first = loaded.rows[0].preference().unwrap();
-    assert_eq!(first.prompt, "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a fact.\n\nAssistant:");
+    assert_eq!(
+        first.prompt,
+        "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a fact.\n\nAssistant:"
+    );
     assert_eq!((first.chosen, first.rejected), (" Honey never spoils.", " No."));
     let reasons = loaded.skip_examples.join("\n");
-    assert!(reasons.contains("hh.jsonl:3: HH-RLHF dialogues `chosen` and `rejected` differ before the last assistant turn"), "{reasons}");
-    assert!(reasons.contains("hh.jsonl:4: the HH-RLHF replies `chosen` and `rejected` are identical"), "{reasons}");
+    assert!(
+        reasons.contains("hh.jsonl:3: HH-RLHF dialogues `chosen` and `rejected` differ before the last assistant turn"),
+        "{reasons}"
+    );
+    assert!(
+        reasons.contains("hh.jsonl:4: the HH-RLHF replies `chosen` and `rejected` are identical"),
+        "{reasons}"
+    );
 }
 
 #[test]
@@ -161,7 +211,9 @@ fn hh_split_refuses_text_without_assistant_turns() {
 
 #[test]
 fn text_rows_skip_blank_lines_and_refuse_null_text() {
-    let error = load_rows(&fixture("text.jsonl"), &options(Format::Text)).unwrap_err().to_string();
+    let error = load_rows(&fixture("text.jsonl"), &options(Format::Text))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("text.jsonl:4: missing field `text`"), "{error}");
     let loaded = load_rows(&fixture("text.jsonl"), &skipping(Format::Text)).unwrap();
     assert_eq!(loaded.rows.len(), 2);
@@ -215,7 +267,9 @@ fn auto_detects_the_format_from_the_first_record() {
         let loaded = load_rows(&fixture(file), &skipping(Format::Auto)).unwrap();
         assert_eq!(loaded.format, expected, "{file}");
     }
-    let error = load_rows(&fixture("answers.jsonl"), &options(Format::Auto)).unwrap_err().to_string();
+    let error = load_rows(&fixture("answers.jsonl"), &options(Format::Auto))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("question, solution"), "{error}");
 }
 
@@ -223,7 +277,11 @@ fn auto_detects_the_format_from_the_first_record() {
 fn rows_format_is_strict_about_unknown_keys() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("data.jsonl");
-    std::fs::write(&file, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"complete\": \"b\"}\n").unwrap();
+    std::fs::write(
+        &file,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"complete\": \"b\"}\n",
+    )
+    .unwrap();
     let error = load_rows(&file, &options(Format::Rows)).unwrap_err().to_string();
     assert!(error.contains("data.jsonl:2"), "{error}");
     assert!(error.contains("complete"), "{error}");
@@ -231,7 +289,9 @@ fn rows_format_is_strict_about_unknown_keys() {
 
 #[test]
 fn folders_are_read_recursively_in_sorted_order_ignoring_other_files() {
-    let rows = load_rows(&fixture("folder"), &options(Format::PromptCompletion)).unwrap().rows;
+    let rows = load_rows(&fixture("folder"), &options(Format::PromptCompletion))
+        .unwrap()
+        .rows;
     let prompts: Vec<_> = rows.iter().map(|r| r.prompt.clone().unwrap()).collect();
     assert_eq!(prompts, ["first", "second", "third", "fourth"]);
     let mut only_b = options(Format::PromptCompletion);
@@ -261,12 +321,22 @@ fn real_self_instruct_dolly_file_maps_every_record() {
     let raw = std::fs::read_to_string(&path).unwrap();
     for (line, row) in raw.lines().zip(&rows) {
         let record: serde_json::Value = serde_json::from_str(line).unwrap();
-        let (instruction, context) = (record["instruction"].as_str().unwrap(), record["context"].as_str().unwrap());
-        let expected = if context.trim().is_empty() { instruction.to_string() } else { format!("{instruction}\n\n{context}") };
+        let (instruction, context) = (
+            record["instruction"].as_str().unwrap(),
+            record["context"].as_str().unwrap(),
+        );
+        let expected = if context.trim().is_empty() {
+            instruction.to_string()
+        } else {
+            format!("{instruction}\n\n{context}")
+        };
         assert_eq!(row.prompt.as_deref(), Some(expected.as_str()));
         assert_eq!(row.completion.as_deref(), record["response"].as_str());
     }
-    let classification = rows.iter().filter(|r| r.category.as_deref() == Some("classification")).count();
+    let classification = rows
+        .iter()
+        .filter(|r| r.category.as_deref() == Some("classification"))
+        .count();
     assert_eq!(classification, 26);
 }
 

@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data")
+        .join(name)
 }
 
 struct Ran {
@@ -30,7 +32,12 @@ fn run(kind: &str, params: Value, inputs: &[(&str, &Path, Option<ArtifactKind>)]
     let dir = tempfile::tempdir().unwrap();
     let mut ctx = StageContext::new("test", kind, 42, dir.path().join("scratch"), dir.path().join("logs"));
     for (name, path, kind) in inputs {
-        let input = InputArtifact { path: path.to_path_buf(), kind: *kind, digest: "0".repeat(64), reference: name.to_string() };
+        let input = InputArtifact {
+            path: path.to_path_buf(),
+            kind: *kind,
+            digest: "0".repeat(64),
+            reference: name.to_string(),
+        };
         ctx = ctx.with_input(name, input);
     }
     let mut outputs = BTreeMap::new();
@@ -42,9 +49,15 @@ fn run(kind: &str, params: Value, inputs: &[(&str, &Path, Option<ArtifactKind>)]
     }
     let first = outputs.values().next().cloned();
     ctx = ctx.with_metrics(MetricsSink::new(first, None));
-    stage.run(&configured.params, &mut ctx).map_err(|e| format!("{e} (hint: {:?})", e.hint()))?;
+    stage
+        .run(&configured.params, &mut ctx)
+        .map_err(|e| format!("{e} (hint: {:?})", e.hint()))?;
     let metrics = ctx.metrics.summary().clone();
-    Ok(Ran { _dir: dir, outputs, metrics })
+    Ok(Ran {
+        _dir: dir,
+        outputs,
+        metrics,
+    })
 }
 
 #[test]
@@ -74,12 +87,23 @@ fn dataset_stage_outputs_identical_bytes_run_after_run() {
         let b = std::fs::read(second.outputs[name].join("data.jsonl")).unwrap();
         assert_eq!(a, b, "{name}");
     }
-    assert_eq!((first.metrics["rows_train"].as_u64(), first.metrics["rows_eval"].as_u64()), (Some(166), Some(9)));
+    assert_eq!(
+        (
+            first.metrics["rows_train"].as_u64(),
+            first.metrics["rows_eval"].as_u64()
+        ),
+        (Some(166), Some(9))
+    );
 }
 
 #[test]
 fn no_split_gives_a_single_output_named_data() {
-    let ran = run("dataset", json!({ "source": "x", "format": "text", "on_error": "skip" }), &[("source", &fixture("text.jsonl"), None)]).unwrap();
+    let ran = run(
+        "dataset",
+        json!({ "source": "x", "format": "text", "on_error": "skip" }),
+        &[("source", &fixture("text.jsonl"), None)],
+    )
+    .unwrap();
     assert_eq!(ran.outputs.keys().collect::<Vec<_>>(), ["data"]);
     assert_eq!(read_rows(&ran.outputs["data"]).unwrap().len(), 2);
     assert_eq!(ran.metrics["rows_skipped"], 1);
@@ -88,16 +112,21 @@ fn no_split_gives_a_single_output_named_data() {
 
 #[test]
 fn a_malformed_row_fails_the_stage_with_its_line_and_a_hint() {
-    let error = run("dataset", json!({ "source": "x", "format": "dolly" }), &[("source", &fixture("dolly_malformed.jsonl"), None)])
-        .err()
-        .unwrap();
+    let error = run(
+        "dataset",
+        json!({ "source": "x", "format": "dolly" }),
+        &[("source", &fixture("dolly_malformed.jsonl"), None)],
+    )
+    .err()
+    .unwrap();
     assert!(error.contains("dolly_malformed.jsonl:2"), "{error}");
     assert!(error.contains("on_error: skip"), "{error}");
 }
 
 #[test]
 fn synthetic_source_needs_no_input_and_splits_held_out_problems() {
-    let params = json!({ "source": { "synthetic": { "count": 1000 } }, "split": { "train": 900, "eval": 100 }, "seed": 3 });
+    let params =
+        json!({ "source": { "synthetic": { "count": 1000 } }, "split": { "train": 900, "eval": 100 }, "seed": 3 });
     let registry = rlhf_stages::registry();
     let configured = registry.get("dataset").unwrap().configure(&params).unwrap();
     assert!(configured.ports.inputs.is_empty());
@@ -122,7 +151,12 @@ fn a_dataset_artifact_input_is_read_from_its_data_jsonl() {
     let artifact = &first.outputs["data"];
     // The engine writes metrics.json beside data.jsonl; it must not be read as rows.
     std::fs::write(artifact.join("metrics.json"), "{\"rows_data\": 50}\n").unwrap();
-    let second = run("dataset", json!({ "source": "arith", "sample": 10 }), &[("source", artifact, Some(ArtifactKind::Dataset))]).unwrap();
+    let second = run(
+        "dataset",
+        json!({ "source": "arith", "sample": 10 }),
+        &[("source", artifact, Some(ArtifactKind::Dataset))],
+    )
+    .unwrap();
     assert_eq!(second.metrics["format"], "rows");
     assert_eq!(read_rows(&second.outputs["data"]).unwrap().len(), 10);
 }
@@ -131,17 +165,25 @@ fn a_dataset_artifact_input_is_read_from_its_data_jsonl() {
 fn params_are_strict_and_checked_before_running() {
     let registry = rlhf_stages::registry();
     let dataset = registry.get("dataset").unwrap();
-    let unknown = dataset.configure(&json!({ "source": "x", "formt": "dolly" })).unwrap_err();
+    let unknown = dataset
+        .configure(&json!({ "source": "x", "formt": "dolly" }))
+        .unwrap_err();
     assert!(matches!(unknown, ConfigureError::Params { .. }), "{unknown:?}");
-    let Err(ConfigureError::Ports(filters)) = dataset.configure(&json!({ "source": "x", "filters": { "max_prompt_tokens": 10 } })) else {
+    let Err(ConfigureError::Ports(filters)) =
+        dataset.configure(&json!({ "source": "x", "filters": { "max_prompt_tokens": 10 } }))
+    else {
         panic!("filters without a tokenizer must be refused");
     };
     assert_eq!(filters.param.as_deref(), Some("filters"));
-    let Err(ConfigureError::Ports(fields)) = dataset.configure(&json!({ "source": "x", "format": "text", "fields": { "prompt": "q" } })) else {
+    let Err(ConfigureError::Ports(fields)) =
+        dataset.configure(&json!({ "source": "x", "format": "text", "fields": { "prompt": "q" } }))
+    else {
         panic!("a field the format does not read must be refused");
     };
     assert_eq!(fields.param.as_deref(), Some("fields.prompt"));
-    let Err(ConfigureError::Ports(split)) = dataset.configure(&json!({ "source": "x", "split": { "train": 0.9, "eval": 0.2 } })) else {
+    let Err(ConfigureError::Ports(split)) =
+        dataset.configure(&json!({ "source": "x", "split": { "train": 0.9, "eval": 0.2 } }))
+    else {
         panic!("fractions above 1 must be refused");
     };
     assert_eq!(split.param.as_deref(), Some("split"));
@@ -156,11 +198,22 @@ fn hub_and_path_sources_are_declared_as_external_inputs() {
         .configure(&json!({ "source": "hf://datasets/databricks/databricks-dolly-15k", "format": "dolly", "split": { "train": 0.95, "eval": 0.05 } }))
         .unwrap();
     let source = &configured.ports.inputs[0];
-    assert_eq!((source.name.as_str(), source.reference.as_str()), ("source", "hf://datasets/databricks/databricks-dolly-15k"));
+    assert_eq!(
+        (source.name.as_str(), source.reference.as_str()),
+        ("source", "hf://datasets/databricks/databricks-dolly-15k")
+    );
     assert_eq!(source.external, ExternalPolicy::StageOrPathOrHub);
     assert!(source.accepts.contains(&ArtifactKind::Dataset));
-    let names: Vec<_> = configured.ports.outputs.iter().map(|o| (o.name.as_str(), o.kind)).collect();
-    assert_eq!(names, [("eval", ArtifactKind::Dataset), ("train", ArtifactKind::Dataset)]);
+    let names: Vec<_> = configured
+        .ports
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), o.kind))
+        .collect();
+    assert_eq!(
+        names,
+        [("eval", ArtifactKind::Dataset), ("train", ArtifactKind::Dataset)]
+    );
 }
 
 #[test]
@@ -172,11 +225,26 @@ fn train_tokenizer_writes_identical_bytes_twice_with_config_and_template() {
     let second = run("train_tokenizer", params, &inputs).unwrap();
     let (a, b) = (&first.outputs["tokenizer"], &second.outputs["tokenizer"]);
     for file in ["tokenizer.json", "tokenizer_config.json", "template.json"] {
-        assert_eq!(std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap(), "{file}");
+        assert_eq!(
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap(),
+            "{file}"
+        );
     }
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(a.join("tokenizer_config.json")).unwrap()).unwrap();
-    assert_eq!((config["pad_token"].as_str(), config["bos_token"].as_str(), config["eos_token"].as_str()), (Some("<|pad|>"), Some("<|bos|>"), Some("<|eos|>")));
-    assert_eq!(PromptTemplate::load(a).unwrap(), Some(PromptTemplate::plain("{prompt}").unwrap()));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            config["pad_token"].as_str(),
+            config["bos_token"].as_str(),
+            config["eos_token"].as_str()
+        ),
+        (Some("<|pad|>"), Some("<|bos|>"), Some("<|eos|>"))
+    );
+    assert_eq!(
+        PromptTemplate::load(a).unwrap(),
+        Some(PromptTemplate::plain("{prompt}").unwrap())
+    );
     assert_eq!(first.metrics["vocab_size"], 400);
     let tokenizer = rlhf_stages::data::tokenizer::load_tokenizer(a).unwrap();
     let special = rlhf_stages::data::tokenizer::special_tokens(a, &tokenizer).unwrap();
@@ -186,19 +254,41 @@ fn train_tokenizer_writes_identical_bytes_twice_with_config_and_template() {
 #[test]
 fn length_filters_use_the_tokenizer_input() {
     let data = run("dataset", json!({ "source": { "synthetic": { "count": 500 } } }), &[]).unwrap();
-    let tok = run("train_tokenizer", json!({ "data": "arith" }), &[("data", data.outputs["data"].as_path(), Some(ArtifactKind::Dataset))]).unwrap();
+    let tok = run(
+        "train_tokenizer",
+        json!({ "data": "arith" }),
+        &[("data", data.outputs["data"].as_path(), Some(ArtifactKind::Dataset))],
+    )
+    .unwrap();
     // Digits are single tokens and a space (or " -") one more: answers of up to two
     // digits fit in 3 tokens, three-digit answers do not.
     let params = json!({ "source": "arith", "tokenizer": "tok", "filters": { "max_completion_tokens": 3 } });
     let inputs = [
         ("source", data.outputs["data"].as_path(), Some(ArtifactKind::Dataset)),
-        ("tokenizer", tok.outputs["tokenizer"].as_path(), Some(ArtifactKind::Tokenizer)),
+        (
+            "tokenizer",
+            tok.outputs["tokenizer"].as_path(),
+            Some(ArtifactKind::Tokenizer),
+        ),
     ];
     let ran = run("dataset", params, &inputs).unwrap();
     let kept = read_rows(&ran.outputs["data"]).unwrap();
     assert!(!kept.is_empty());
-    let digits = |r: &Row| r.completion.as_deref().unwrap().chars().filter(char::is_ascii_digit).count();
-    assert!(kept.iter().all(|r| digits(r) <= 2), "only answers of one or two digits fit");
+    let digits = |r: &Row| {
+        r.completion
+            .as_deref()
+            .unwrap()
+            .chars()
+            .filter(char::is_ascii_digit)
+            .count()
+    };
+    assert!(
+        kept.iter().all(|r| digits(r) <= 2),
+        "only answers of one or two digits fit"
+    );
     assert!(kept.iter().any(|r| digits(r) == 2));
-    assert_eq!(ran.metrics["rows_filtered"].as_u64().unwrap() as usize + kept.len(), 500);
+    assert_eq!(
+        ran.metrics["rows_filtered"].as_u64().unwrap() as usize + kept.len(),
+        500
+    );
 }

@@ -37,7 +37,10 @@ fn every_row_carries_the_right_answer_in_every_shape() {
         assert!([-10, -3, -2, -1, 1, 2, 3, 10].contains(&(rejected - answer)), "{row:?}");
         let text = row.text.as_deref().unwrap();
         let qa_line = format!("{} {answer}", row.prompt.as_deref().unwrap());
-        assert!(text == qa_line || text.contains(&answer.to_string()) || text.contains(&words(answer)), "{text}");
+        assert!(
+            text == qa_line || text.contains(&answer.to_string()) || text.contains(&words(answer)),
+            "{text}"
+        );
     }
 }
 
@@ -59,7 +62,10 @@ fn problems_are_distinct_so_splits_hold_out_whole_problems() {
 #[test]
 fn plain_sentences_make_up_about_the_requested_share_of_text() {
     let rows = generate(&spec(4000), 11).unwrap();
-    let plain = rows.iter().filter(|r| !r.text.as_deref().unwrap().starts_with("Q: ")).count();
+    let plain = rows
+        .iter()
+        .filter(|r| !r.text.as_deref().unwrap().starts_with("Q: "))
+        .count();
     let share = plain as f64 / rows.len() as f64;
     assert!((0.085..0.115).contains(&share), "plain share {share}");
 }
@@ -103,7 +109,11 @@ fn rows_have_the_exact_layout_of_the_trl_reference_files() {
         .into_iter()
         .map(|row| (row.prompt.clone().unwrap(), row))
         .collect();
-    let twin = |row: &Row| ours.get(row.prompt.as_deref().unwrap()).unwrap_or_else(|| panic!("{row:?}")).clone();
+    let twin = |row: &Row| {
+        ours.get(row.prompt.as_deref().unwrap())
+            .unwrap_or_else(|| panic!("{row:?}"))
+            .clone()
+    };
     for file in ["sft.jsonl", "eval.jsonl"] {
         for row in read_rows(&data.join(file)).unwrap() {
             assert_eq!(twin(&row).completion, row.completion, "{file}");
@@ -125,7 +135,10 @@ fn rows_have_the_exact_layout_of_the_trl_reference_files() {
     for row in read_rows(&data.join("pretrain.jsonl")).unwrap() {
         let text = row.text.as_deref().unwrap();
         let Some(at) = text.find("\nA: ") else { continue };
-        let ours = twin(&Row { prompt: Some(format!("{}\nA:", &text[..at])), ..Row::default() });
+        let ours = twin(&Row {
+            prompt: Some(format!("{}\nA:", &text[..at])),
+            ..Row::default()
+        });
         assert_eq!(format!("{} {}", ours.prompt.unwrap(), ours.answer.unwrap()), text);
     }
 }

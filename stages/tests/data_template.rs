@@ -43,7 +43,10 @@ fn chat_templates_render_byte_for_byte_like_transformers() {
 #[test]
 fn default_template_is_the_dolly_recipe_layout() {
     let renderer = PromptTemplate::default().renderer().unwrap();
-    assert_eq!(renderer.render_prompt("Name a colour.").unwrap(), "User: Name a colour.\n\nAssistant: ");
+    assert_eq!(
+        renderer.render_prompt("Name a colour.").unwrap(),
+        "User: Name a colour.\n\nAssistant: "
+    );
     assert_eq!(DEFAULT_TEMPLATE, "User: {prompt}\n\nAssistant: ");
 }
 
@@ -52,7 +55,10 @@ fn custom_template_replaces_the_prompt_placeholder_once() {
     let template = PromptTemplate::plain("### Question\n{prompt}\n### Answer\n").unwrap();
     let renderer = template.renderer().unwrap();
     // A literal `{prompt}` inside the prompt itself is not expanded again.
-    assert_eq!(renderer.render_prompt("say {prompt}").unwrap(), "### Question\nsay {prompt}\n### Answer\n");
+    assert_eq!(
+        renderer.render_prompt("say {prompt}").unwrap(),
+        "### Question\nsay {prompt}\n### Answer\n"
+    );
 }
 
 #[test]
@@ -78,18 +84,26 @@ fn template_travels_as_template_json() {
 #[test]
 fn chat_row_completion_is_what_the_reply_adds_after_the_generation_prompt() {
     let config = chat_templates_dir().join("qwen2.5/tokenizer_config.json");
-    let renderer = PromptTemplate::from_tokenizer_config(&config).unwrap().renderer().unwrap();
+    let renderer = PromptTemplate::from_tokenizer_config(&config)
+        .unwrap()
+        .renderer()
+        .unwrap();
     let row = Row {
         prompt: Some("Q: 12+7=\nA:".into()),
         completion: Some(" 19".into()),
         ..Row::default()
     };
     let rendered = renderer.render_row(&row).unwrap();
-    assert!(rendered.prompt.ends_with("<|im_start|>user\nQ: 12+7=\nA:<|im_end|>\n<|im_start|>assistant\n"));
+    assert!(rendered
+        .prompt
+        .ends_with("<|im_start|>user\nQ: 12+7=\nA:<|im_end|>\n<|im_start|>assistant\n"));
     assert_eq!(rendered.completion.as_deref(), Some(" 19<|im_end|>\n"));
     // The same row as messages renders identically.
     let chat = Row {
-        messages: Some(vec![Message::new("user", "Q: 12+7=\nA:"), Message::new("assistant", " 19")]),
+        messages: Some(vec![
+            Message::new("user", "Q: 12+7=\nA:"),
+            Message::new("assistant", " 19"),
+        ]),
         ..Row::default()
     };
     assert_eq!(renderer.render_row(&chat).unwrap(), rendered);
@@ -127,9 +141,15 @@ fn raise_exception_in_a_template_is_a_template_error_with_its_message() {
         r#"{"chat_template": "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user turn') }}{% endif %}ok", "eos_token": "</s>"}"#,
     )
     .unwrap();
-    let renderer = PromptTemplate::from_tokenizer_config(&config).unwrap().renderer().unwrap();
+    let renderer = PromptTemplate::from_tokenizer_config(&config)
+        .unwrap()
+        .renderer()
+        .unwrap();
     assert_eq!(renderer.render_chat(&[Message::new("user", "x")], true).unwrap(), "ok");
-    let error = renderer.render_chat(&[Message::new("assistant", "x")], true).unwrap_err().to_string();
+    let error = renderer
+        .render_chat(&[Message::new("assistant", "x")], true)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("Conversations must start with a user turn"), "{error}");
 }
 

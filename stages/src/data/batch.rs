@@ -105,19 +105,50 @@ impl<'a> Encoder<'a> {
 
     /// Prompt and completion ids; `None` when the prompt leaves no room under max_length.
     pub fn encode_example(&self, row: &Row) -> Result<Option<EncodedExample>, DataError> {
-        let rendered = self.renderer.render_row(row)?;
-        let completion = rendered
-            .completion
-            .ok_or_else(|| DataError::template("the row has no completion (or final assistant turn) to train on"))?;
-        let prompt = self.with_optional_bos(self.encode_text(&rendered.prompt)?);
-        let mut completion = self.completion_ids(&completion)?;
+        let (prompt, completion) = render_for_training(self.renderer, row)?;
+        let prompt = self.encode_text(&prompt)?;
+        let completion = self.encode_text(&completion)?;
+        Ok(self.assemble(prompt, completion))
+    }
+
+    /// [`Encoder::encode_example`] for many rows at once: the tokenizer spreads the rows
+    /// over its thread pool; the result is the same as row by row, in row order.
+    pub fn encode_examples(&self, rows: &[Row]) -> Result<Vec<Option<EncodedExample>>, DataError> {
+        let rendered: Vec<(String, String)> = rows
+            .iter()
+            .map(|row| render_for_training(self.renderer, row))
+            .collect::<Result<_, _>>()?;
+        let (prompts, completions): (Vec<String>, Vec<String>) = rendered.into_iter().unzip();
+        let prompts = self.encode_texts(prompts)?;
+        let completions = self.encode_texts(completions)?;
+        Ok(prompts
+            .into_iter()
+            .zip(completions)
+            .map(|(p, c)| self.assemble(p, c))
+            .collect())
+    }
+
+    fn encode_texts(&self, texts: Vec<String>) -> Result<Vec<Vec<u32>>, DataError> {
+        let encodings = self
+            .tokenizer
+            .encode_batch_fast(texts, false)
+            .map_err(|e| DataError::tokenizer("(encode)", e.to_string()))?;
+        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// Adds bos and eos as configured and applies max_length.
+    fn assemble(&self, prompt: Vec<u32>, mut completion: Vec<u32>) -> Option<EncodedExample> {
+        let prompt = self.with_optional_bos(prompt);
+        if self.renderer.template().appends_eos() {
+            completion.push(self.special.eos);
+        }
         if let Some(room) = self.room_after(&prompt) {
             if room == 0 {
-                return Ok(None);
+                return None;
             }
             completion.truncate(room);
         }
-        Ok(Some(EncodedExample { prompt, completion }))
+        Some(EncodedExample { prompt, completion })
     }
 
     /// A preference pair's ids; `None` when the prompt leaves no room under max_length.
@@ -140,7 +171,11 @@ impl<'a> Encoder<'a> {
             chosen.truncate(room);
             rejected.truncate(room);
         }
-        Ok(Some(EncodedPair { prompt, chosen, rejected }))
+        Ok(Some(EncodedPair {
+            prompt,
+            chosen,
+            rejected,
+        }))
     }
 
     /// Pretraining ids: the row's text (or prompt + completion, untemplated) plus eos,
@@ -160,6 +195,14 @@ impl<'a> Encoder<'a> {
     fn room_after(&self, prompt: &[u32]) -> Option<usize> {
         self.max_length.map(|max| max.saturating_sub(prompt.len()))
     }
+}
+
+fn render_for_training(renderer: &Renderer, row: &Row) -> Result<(String, String), DataError> {
+    let rendered = renderer.render_row(row)?;
+    let completion = rendered
+        .completion
+        .ok_or_else(|| DataError::template("the row has no completion (or final assistant turn) to train on"))?;
+    Ok((rendered.prompt, completion))
 }
 
 /// A right-padded batch; every `Vec` is row-major (batch_size, seq_len).
@@ -262,7 +305,13 @@ pub fn collate_prompts(prompts: &[&[u32]], pad: u32) -> Batch {
 /// either plain chunks or — with `group_by_length` — chunks of similar length (within
 /// mega-batches of 50 batches, sorted by length, the batch order shuffled again), which
 /// cuts padding the way transformers' `group_by_length` does. The last batch may be short.
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch: u64, group_by_length: bool) -> Vec<Vec<usize>> {
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+    group_by_length: bool,
+) -> Vec<Vec<usize>> {
     let batch_size = batch_size.max(1);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(epoch);

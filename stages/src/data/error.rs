@@ -41,16 +41,10 @@ pub enum DataError {
     },
     /// The record could not be parsed at all (bad JSON, wrong CSV field count).
     #[error("{location}: malformed record: {message}")]
-    MalformedRecord {
-        location: RowLocation,
-        message: String,
-    },
+    MalformedRecord { location: RowLocation, message: String },
     /// The record parsed but does not fit the format (a missing or mistyped field).
     #[error("{location}: {message}")]
-    BadRow {
-        location: RowLocation,
-        message: String,
-    },
+    BadRow { location: RowLocation, message: String },
     /// A whole file is unreadable in the declared way (invalid JSON document, bad parquet).
     #[error("{path}: {message}")]
     BadFile { path: PathBuf, message: String },

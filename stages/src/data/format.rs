@@ -221,7 +221,10 @@ fn chat_messages(reader: &FieldReader) -> Result<Vec<Message>, DataError> {
         return Err(reader.missing("messages"));
     };
     let Value::Array(items) = value else {
-        return Err(reader.bad(format!("`{column}` must be a list of messages, found {}", kind_of(value))));
+        return Err(reader.bad(format!(
+            "`{column}` must be a list of messages, found {}",
+            kind_of(value)
+        )));
     };
     let role_key = reader.column("role");
     let content_key = reader.column("content");
@@ -229,7 +232,10 @@ fn chat_messages(reader: &FieldReader) -> Result<Vec<Message>, DataError> {
     for (index, item) in items.iter().enumerate() {
         let text = |key: &str| match item.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(reader.bad(format!("`{column}[{index}].{key}` must be a string, found {}", kind_of(other)))),
+            Some(other) => Err(reader.bad(format!(
+                "`{column}[{index}].{key}` must be a string, found {}",
+                kind_of(other)
+            ))),
             None => Err(reader.bad(format!("`{column}[{index}]` has no `{key}`"))),
         };
         messages.push(Message {
@@ -265,7 +271,11 @@ impl FieldReader<'_> {
     fn missing(&self, name: &str) -> DataError {
         let column = self.column(name);
         let present: Vec<&str> = self.record.keys().map(String::as_str).collect();
-        let renamed = if column == name { String::new() } else { format!(" (source column `{column}`)") };
+        let renamed = if column == name {
+            String::new()
+        } else {
+            format!(" (source column `{column}`)")
+        };
         self.bad(format!(
             "missing field `{name}`{renamed}; the record has: {}",
             present.join(", ")
@@ -293,7 +303,10 @@ impl FieldReader<'_> {
     /// read as the gold answer unless `fields:` says so.
     fn answer(&self) -> Result<Option<String>, DataError> {
         let column = self.column("answer");
-        let taken = self.fields.iter().any(|(name, source)| name != "answer" && source == column);
+        let taken = self
+            .fields
+            .iter()
+            .any(|(name, source)| name != "answer" && source == column);
         if taken && !self.fields.contains_key("answer") {
             return Ok(None);
         }

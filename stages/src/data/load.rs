@@ -75,7 +75,11 @@ pub fn load_rows(path: &Path, options: &LoadOptions) -> Result<Loaded, DataError
             Err(error) => return Err(error),
         }
         let full = options.limit.is_some_and(|limit| loaded.rows.len() >= limit);
-        Ok(if full { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
+        Ok(if full {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
     };
     read_records(path, options.files.as_deref(), &mut visit)?;
     Ok(loaded)

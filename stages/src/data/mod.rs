@@ -21,8 +21,10 @@ pub mod synthetic;
 pub mod template;
 pub mod tokenizer;
 
+pub use batch::{Batch, EncodedExample, EncodedPair, Encoder};
 pub use error::DataError;
 pub use format::{FieldMap, Format};
 pub use load::{load_rows, LoadOptions, Loaded, OnError};
 pub use row::{read_rows, write_rows, Message, Row, RowShape};
-pub use template::PromptTemplate;
+pub use template::{PromptTemplate, Renderer};
+pub use tokenizer::SpecialTokens;

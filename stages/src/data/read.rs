@@ -66,8 +66,7 @@ pub fn data_files(path: &Path, pattern: Option<&str>) -> Result<Vec<PathBuf>, Da
             Some(_) => Ok(vec![path.to_path_buf()]),
             None => Err(DataError::BadFile {
                 path: path.to_path_buf(),
-                message: "unknown file type; expected .jsonl, .json, .csv or .parquet (optionally .gz)"
-                    .to_string(),
+                message: "unknown file type; expected .jsonl, .json, .csv or .parquet (optionally .gz)".to_string(),
             }),
         };
     }
@@ -84,12 +83,7 @@ pub fn data_files(path: &Path, pattern: Option<&str>) -> Result<Vec<PathBuf>, Da
     Ok(files)
 }
 
-fn collect_files(
-    root: &Path,
-    dir: &Path,
-    pattern: Option<&str>,
-    out: &mut Vec<PathBuf>,
-) -> Result<(), DataError> {
+fn collect_files(root: &Path, dir: &Path, pattern: Option<&str>, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     let entries = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| DataError::io(dir, e))?;
@@ -101,7 +95,11 @@ fn collect_files(
         if path.is_dir() {
             collect_files(root, &path, pattern, out)?;
         } else if file_type(&path).is_some() {
-            let relative = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+            let relative = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .replace('\\', "/");
             if pattern.is_none_or(|p| glob_match(p, &relative)) {
                 out.push(path);
             }
@@ -132,11 +130,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 
 /// Calls `visit` with every record of every data file under `path`, in order. A
 /// `visit` error stops the read and is returned.
-pub fn read_records(
-    path: &Path,
-    pattern: Option<&str>,
-    visit: &mut Visitor<'_>,
-) -> Result<(), DataError> {
+pub fn read_records(path: &Path, pattern: Option<&str>, visit: &mut Visitor<'_>) -> Result<(), DataError> {
     for file in data_files(path, pattern)? {
         if read_file(&file, visit)?.is_break() {
             break;
@@ -185,11 +179,7 @@ fn malformed(path: &Path, position: Position, message: impl Into<String>) -> Dat
     }
 }
 
-fn read_json_lines(
-    path: &Path,
-    reader: impl BufRead,
-    visit: &mut Visitor<'_>,
-) -> Result<ControlFlow<()>, DataError> {
+fn read_json_lines(path: &Path, reader: impl BufRead, visit: &mut Visitor<'_>) -> Result<ControlFlow<()>, DataError> {
     for (index, line) in reader.lines().enumerate() {
         let position = Position::Line(index + 1);
         let line = match line {
@@ -211,7 +201,11 @@ fn read_json_lines(
                 location: location(path, position),
                 fields,
             }),
-            Ok(other) => Err(malformed(path, position, format!("expected a JSON object, found {}", kind_of(&other)))),
+            Ok(other) => Err(malformed(
+                path,
+                position,
+                format!("expected a JSON object, found {}", kind_of(&other)),
+            )),
             Err(e) => Err(malformed(path, position, format!("invalid JSON: {e}"))),
         };
         if visit(record)?.is_break() {
@@ -221,11 +215,7 @@ fn read_json_lines(
     Ok(ControlFlow::Continue(()))
 }
 
-fn read_json_document(
-    path: &Path,
-    reader: impl Read,
-    visit: &mut Visitor<'_>,
-) -> Result<ControlFlow<()>, DataError> {
+fn read_json_document(path: &Path, reader: impl Read, visit: &mut Visitor<'_>) -> Result<ControlFlow<()>, DataError> {
     let document: Value = serde_json::from_reader(reader).map_err(|e| DataError::BadFile {
         path: path.to_path_buf(),
         message: format!("invalid JSON: {e}"),
@@ -255,7 +245,11 @@ fn read_json_document(
                 location: location(path, position),
                 fields,
             }),
-            other => Err(malformed(path, position, format!("expected a JSON object, found {}", kind_of(&other)))),
+            other => Err(malformed(
+                path,
+                position,
+                format!("expected a JSON object, found {}", kind_of(&other)),
+            )),
         };
         if visit(record)?.is_break() {
             return Ok(ControlFlow::Break(()));
@@ -264,11 +258,7 @@ fn read_json_document(
     Ok(ControlFlow::Continue(()))
 }
 
-fn read_csv(
-    path: &Path,
-    reader: impl Read,
-    visit: &mut Visitor<'_>,
-) -> Result<ControlFlow<()>, DataError> {
+fn read_csv(path: &Path, reader: impl Read, visit: &mut Visitor<'_>) -> Result<ControlFlow<()>, DataError> {
     let mut csv_reader = csv::ReaderBuilder::new().has_headers(true).from_reader(reader);
     let headers = csv_reader
         .headers()
@@ -316,10 +306,7 @@ fn csv_message(error: &csv::Error) -> String {
     }
 }
 
-fn read_parquet(
-    path: &Path,
-    visit: &mut Visitor<'_>,
-) -> Result<ControlFlow<()>, DataError> {
+fn read_parquet(path: &Path, visit: &mut Visitor<'_>) -> Result<ControlFlow<()>, DataError> {
     let bad = |e: parquet::errors::ParquetError| DataError::BadFile {
         path: path.to_path_buf(),
         message: format!("unreadable parquet: {e}"),

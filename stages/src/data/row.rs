@@ -136,7 +136,8 @@ impl Row {
         if let Some(text) = &self.text {
             return Some(text.clone());
         }
-        self.prompt_completion().map(|pc| format!("{}{}", pc.prompt, pc.completion))
+        self.prompt_completion()
+            .map(|pc| format!("{}{}", pc.prompt, pc.completion))
     }
 
     /// Messages of a chat row up to (not including) its last assistant turn, and that
@@ -151,9 +152,7 @@ impl Row {
     /// Whether the row has what `shape` needs.
     pub fn has_shape(&self, shape: RowShape) -> bool {
         match shape {
-            RowShape::PromptCompletion => {
-                self.prompt_completion().is_some() || self.split_last_assistant().is_some()
-            }
+            RowShape::PromptCompletion => self.prompt_completion().is_some() || self.split_last_assistant().is_some(),
             RowShape::Preference => self.preference().is_some(),
             RowShape::Prompt => self.prompt.is_some() || self.messages.is_some(),
             RowShape::Text => self.lm_text().is_some(),
@@ -163,10 +162,11 @@ impl Row {
     /// All text a tokenizer should learn from: every text-bearing field, in schema order.
     pub fn texts(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
-        for field in [&self.prompt, &self.completion, &self.chosen, &self.rejected, &self.text] {
-            if let Some(text) = field {
-                out.push(text);
-            }
+        for text in [&self.prompt, &self.completion, &self.chosen, &self.rejected, &self.text]
+            .into_iter()
+            .flatten()
+        {
+            out.push(text);
         }
         for message in self.messages.iter().flatten() {
             out.push(&message.content);
@@ -210,7 +210,11 @@ pub fn write_rows(dir: &Path, rows: &[Row]) -> Result<(), DataError> {
 /// Reads the rows of a Dataset artifact (`dir/data.jsonl`, or `dir` itself when it is
 /// the file). This is what training stages call on their dataset inputs.
 pub fn read_rows(dir: &Path) -> Result<Vec<Row>, DataError> {
-    let path = if dir.is_dir() { dir.join(DATA_FILE) } else { dir.to_path_buf() };
+    let path = if dir.is_dir() {
+        dir.join(DATA_FILE)
+    } else {
+        dir.to_path_buf()
+    };
     let file = std::fs::File::open(&path).map_err(|e| DataError::io(&path, e))?;
     let mut rows = Vec::new();
     for (index, line) in BufReader::new(file).lines().enumerate() {

@@ -71,7 +71,11 @@ pub fn measured_texts(row: &Row) -> (String, String) {
     let completion = match (&row.completion, &row.chosen, &row.rejected, &row.text) {
         (Some(completion), ..) => completion.clone(),
         (None, Some(chosen), Some(rejected), _) => {
-            if chosen.len() >= rejected.len() { chosen.clone() } else { rejected.clone() }
+            if chosen.len() >= rejected.len() {
+                chosen.clone()
+            } else {
+                rejected.clone()
+            }
         }
         (None, _, _, Some(text)) => text.clone(),
         _ => String::new(),
@@ -116,8 +120,11 @@ pub fn row_rank(seed: u64, row: &Row) -> [u8; 32] {
 
 /// Indices of `rows` in seeded shuffle order (ties, i.e. identical rows, by index).
 pub fn shuffled_order(rows: &[Row], seed: u64) -> Vec<usize> {
-    let mut ranked: Vec<([u8; 32], usize)> =
-        rows.iter().enumerate().map(|(index, row)| (row_rank(seed, row), index)).collect();
+    let mut ranked: Vec<([u8; 32], usize)> = rows
+        .iter()
+        .enumerate()
+        .map(|(index, row)| (row_rank(seed, row), index))
+        .collect();
     ranked.sort_unstable();
     ranked.into_iter().map(|(_, index)| index).collect()
 }
@@ -129,7 +136,10 @@ pub fn split_counts(spec: &SplitSpec, total: usize) -> Result<Vec<(String, usize
     check_split_spec(spec)?;
     let all_counts = spec.values().all(|s| matches!(s, SplitSize::Count(_)));
     if all_counts {
-        let wanted: u64 = spec.values().map(|s| if let SplitSize::Count(c) = s { *c } else { 0 }).sum();
+        let wanted: u64 = spec
+            .values()
+            .map(|s| if let SplitSize::Count(c) = s { *c } else { 0 })
+            .sum();
         if wanted > total as u64 {
             return Err(DataError::param(
                 "split",
@@ -168,7 +178,10 @@ pub fn split_counts(spec: &SplitSpec, total: usize) -> Result<Vec<(String, usize
 /// Checks a split spec on its own (before any row is read).
 pub fn check_split_spec(spec: &SplitSpec) -> Result<(), DataError> {
     if spec.is_empty() {
-        return Err(DataError::param("split", "name at least one split, e.g. `{train: 0.9, eval: 0.1}`"));
+        return Err(DataError::param(
+            "split",
+            "name at least one split, e.g. `{train: 0.9, eval: 0.1}`",
+        ));
     }
     let counts = spec.values().filter(|s| matches!(s, SplitSize::Count(_))).count();
     if counts != 0 && counts != spec.len() {
@@ -187,13 +200,22 @@ pub fn check_split_spec(spec: &SplitSpec) -> Result<(), DataError> {
         }
         if let SplitSize::Fraction(f) = size {
             if !(f.is_finite() && *f > 0.0 && *f <= 1.0) {
-                return Err(DataError::param(&format!("split.{name}"), format!("fraction {f} is not in (0, 1]")));
+                return Err(DataError::param(
+                    &format!("split.{name}"),
+                    format!("fraction {f} is not in (0, 1]"),
+                ));
             }
         }
     }
-    let sum: f64 = spec.values().map(|s| if let SplitSize::Fraction(f) = s { *f } else { 0.0 }).sum();
+    let sum: f64 = spec
+        .values()
+        .map(|s| if let SplitSize::Fraction(f) = s { *f } else { 0.0 })
+        .sum();
     if sum > 1.0 + 1e-9 {
-        return Err(DataError::param("split", format!("the fractions add up to {sum}, more than 1")));
+        return Err(DataError::param(
+            "split",
+            format!("the fractions add up to {sum}, more than 1"),
+        ));
     }
     Ok(())
 }

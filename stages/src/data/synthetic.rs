@@ -116,22 +116,38 @@ impl SyntheticSpec {
     pub fn check(&self) -> Result<(), DataError> {
         let unique: HashSet<&Operation> = self.operations.iter().collect();
         if self.operations.is_empty() || unique.len() != self.operations.len() {
-            return Err(DataError::param("source.synthetic.operations", "list each of +, -, * at most once, at least one"));
+            return Err(DataError::param(
+                "source.synthetic.operations",
+                "list each of +, -, * at most once, at least one",
+            ));
         }
         if self.min > self.max || self.max.abs() > 1_000_000 || self.min.abs() > 1_000_000 {
-            return Err(DataError::param("source.synthetic.max", "need min ≤ max, both within ±1,000,000"));
+            return Err(DataError::param(
+                "source.synthetic.max",
+                "need min ≤ max, both within ±1,000,000",
+            ));
         }
         if self.count as u64 > self.universe() {
             return Err(DataError::param(
                 "source.synthetic.count",
-                format!("{} distinct problems asked, only {} exist for these operations and range", self.count, self.universe()),
+                format!(
+                    "{} distinct problems asked, only {} exist for these operations and range",
+                    self.count,
+                    self.universe()
+                ),
             ));
         }
         if !(0.0..=1.0).contains(&self.plain_text_fraction) {
-            return Err(DataError::param("source.synthetic.plain_text_fraction", "must be in [0, 1]"));
+            return Err(DataError::param(
+                "source.synthetic.plain_text_fraction",
+                "must be in [0, 1]",
+            ));
         }
         if self.wrong_offsets.is_empty() || self.wrong_offsets.contains(&0) {
-            return Err(DataError::param("source.synthetic.wrong_offsets", "give at least one non-zero offset"));
+            return Err(DataError::param(
+                "source.synthetic.wrong_offsets",
+                "give at least one non-zero offset",
+            ));
         }
         Ok(())
     }
@@ -210,7 +226,9 @@ pub fn generate(spec: &SyntheticSpec, seed: u64) -> Result<Vec<Row>, DataError> 
     Ok(rows)
 }
 
-const NAMES: [&str; 12] = ["Tom", "Anna", "Sam", "Lena", "Max", "Mia", "Omar", "Julia", "Ben", "Clara", "David", "Eva"];
+const NAMES: [&str; 12] = [
+    "Tom", "Anna", "Sam", "Lena", "Max", "Mia", "Omar", "Julia", "Ben", "Clara", "David", "Eva",
+];
 const THINGS: [&str; 14] = [
     "apples", "coins", "books", "stones", "marbles", "cards", "shells", "pencils", "oranges", "stamps", "cookies",
     "flowers", "tickets", "buttons",
@@ -251,10 +269,30 @@ fn plain_sentence(rng: &mut ChaCha8Rng, operation: Operation, a: i64, b: i64, c:
 }
 
 const ONES: [&str; 20] = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
 ];
-const TENS: [&str; 10] = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"];
+const TENS: [&str; 10] = [
+    "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+];
 
 /// A number in English words, as gen_data.py writes them ("minus twelve",
 /// "one hundred and sixty-eight"); thousands and above fall back to digits.

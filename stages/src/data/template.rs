@@ -76,8 +76,8 @@ impl PromptTemplate {
     /// templates of which `default` is taken), with its bos/eos tokens.
     pub fn from_tokenizer_config(path: &Path) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| DataError::tokenizer(path, format!("invalid JSON: {e}")))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| DataError::tokenizer(path, format!("invalid JSON: {e}")))?;
         let chat_template = match config.get("chat_template") {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Array(named)) => named
@@ -115,8 +115,8 @@ impl PromptTemplate {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
-        let template = serde_json::from_str(&text)
-            .map_err(|e| DataError::template(format!("{}: {e}", path.display())))?;
+        let template =
+            serde_json::from_str(&text).map_err(|e| DataError::template(format!("{}: {e}", path.display())))?;
         Ok(Some(template))
     }
 
@@ -172,8 +172,15 @@ impl Renderer {
     /// A chat rendered by the chat template; a plain template accepts only a single user
     /// turn (plus an optional leading system message, which it drops).
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, DataError> {
-        let (Some(environment), PromptTemplate::Chat { bos_token, eos_token, system, .. }) =
-            (&self.environment, &self.template)
+        let (
+            Some(environment),
+            PromptTemplate::Chat {
+                bos_token,
+                eos_token,
+                system,
+                ..
+            },
+        ) = (&self.environment, &self.template)
         else {
             return self.render_prompt(single_user_turn(messages)?);
         };
@@ -218,7 +225,9 @@ impl Renderer {
                 prompt: self.render_prompt(prompt)?,
                 completion: row.completion.clone(),
             }),
-            PromptTemplate::Chat { .. } => self.render_turns(&[Message::new("user", prompt)], row.completion.as_deref()),
+            PromptTemplate::Chat { .. } => {
+                self.render_turns(&[Message::new("user", prompt)], row.completion.as_deref())
+            }
         }
     }
 
@@ -226,10 +235,16 @@ impl Renderer {
     pub fn render_turns(&self, prompt: &[Message], reply: Option<&str>) -> Result<RenderedExample, DataError> {
         let prompt_text = self.render_chat(prompt, true)?;
         let Some(reply) = reply else {
-            return Ok(RenderedExample { prompt: prompt_text, completion: None });
+            return Ok(RenderedExample {
+                prompt: prompt_text,
+                completion: None,
+            });
         };
         if matches!(self.template, PromptTemplate::Plain { .. }) {
-            return Ok(RenderedExample { prompt: prompt_text, completion: Some(reply.to_string()) });
+            return Ok(RenderedExample {
+                prompt: prompt_text,
+                completion: Some(reply.to_string()),
+            });
         }
         let mut full = prompt.to_vec();
         full.push(Message::new("assistant", reply));
@@ -239,7 +254,10 @@ impl Renderer {
                 "the chat template renders the prompt differently once the reply is added, so the reply cannot be cut off cleanly",
             )
         })?;
-        Ok(RenderedExample { prompt: prompt_text, completion: Some(completion.to_string()) })
+        Ok(RenderedExample {
+            prompt: prompt_text,
+            completion: Some(completion.to_string()),
+        })
     }
 }
 
@@ -282,7 +300,10 @@ fn chat_environment(source: &str) -> Result<Environment<'static>, DataError> {
 }
 
 fn raise_exception(message: String) -> Result<Value, JinjaError> {
-    Err(JinjaError::new(ErrorKind::InvalidOperation, format!("the chat template raised: {message}")))
+    Err(JinjaError::new(
+        ErrorKind::InvalidOperation,
+        format!("the chat template raised: {message}"),
+    ))
 }
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=indent)`.
@@ -355,7 +376,11 @@ fn python_float(number: f64) -> String {
         return "NaN".into();
     }
     if number.is_infinite() {
-        return if number > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if number > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     // Rust writes 1e-5 where Python writes 1e-05 (the thresholds for switching to
     // exponents also differ slightly for very large or small values).

@@ -43,7 +43,10 @@ pub fn tokenizer_path(dir_or_file: &Path) -> PathBuf {
 pub fn load_tokenizer(dir_or_file: &Path) -> Result<Tokenizer, DataError> {
     let path = tokenizer_path(dir_or_file);
     if !path.exists() {
-        return Err(DataError::tokenizer(&path, "not found (a tokenizer or model artifact holds a tokenizer.json)"));
+        return Err(DataError::tokenizer(
+            &path,
+            "not found (a tokenizer or model artifact holds a tokenizer.json)",
+        ));
     }
     Tokenizer::from_file(&path).map_err(|e| DataError::tokenizer(&path, e.to_string()))
 }
@@ -53,8 +56,9 @@ pub fn load_tokenizer(dir_or_file: &Path) -> Result<Tokenizer, DataError> {
 pub fn special_tokens(dir: &Path, tokenizer: &Tokenizer) -> Result<SpecialTokens, DataError> {
     let config_path = dir.join(TOKENIZER_CONFIG_FILE);
     let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map_err(|e| DataError::tokenizer(&config_path, format!("invalid JSON: {e}")))?,
+        Ok(text) => {
+            serde_json::from_str(&text).map_err(|e| DataError::tokenizer(&config_path, format!("invalid JSON: {e}")))?
+        }
         Err(_) => serde_json::Value::Null,
     };
     let id_of = |key: &str| -> Result<Option<u32>, DataError> {
@@ -66,13 +70,15 @@ pub fn special_tokens(dir: &Path, tokenizer: &Tokenizer) -> Result<SpecialTokens
         match token {
             None => Ok(None),
             Some(token) => tokenizer.token_to_id(&token).map(Some).ok_or_else(|| {
-                DataError::tokenizer(&config_path, format!("`{key}` {token:?} is not in the tokenizer's vocabulary"))
+                DataError::tokenizer(
+                    &config_path,
+                    format!("`{key}` {token:?} is not in the tokenizer's vocabulary"),
+                )
             }),
         }
     };
-    let eos = id_of("eos_token")?.ok_or_else(|| {
-        DataError::tokenizer(&config_path, "no `eos_token`; completions need one to end with")
-    })?;
+    let eos = id_of("eos_token")?
+        .ok_or_else(|| DataError::tokenizer(&config_path, "no `eos_token`; completions need one to end with"))?;
     Ok(SpecialTokens {
         pad: id_of("pad_token")?.unwrap_or(eos),
         eos,
@@ -105,7 +111,10 @@ impl Default for BpeSettings {
 /// Trains a byte-level BPE tokenizer on `texts`. The result depends only on the texts
 /// and the settings (the tokenizers crate breaks count ties by token ids), so two runs
 /// give identical `tokenizer.json` bytes.
-pub fn train_bpe<'a>(texts: impl Iterator<Item = &'a str> + Send, settings: &BpeSettings) -> Result<Tokenizer, DataError> {
+pub fn train_bpe<'a>(
+    texts: impl Iterator<Item = &'a str> + Send,
+    settings: &BpeSettings,
+) -> Result<Tokenizer, DataError> {
     let failed = |message: String| DataError::tokenizer("(training)", message);
     let mut pre_tokenizers: Vec<PreTokenizerWrapper> = Vec::new();
     if settings.individual_digits {
@@ -128,7 +137,9 @@ pub fn train_bpe<'a>(texts: impl Iterator<Item = &'a str> + Send, settings: &Bpe
         .show_progress(false)
         .build();
     let mut trainer = TrainerWrapper::from(trainer);
-    tokenizer.train(&mut trainer, texts).map_err(|e| failed(e.to_string()))?;
+    tokenizer
+        .train(&mut trainer, texts)
+        .map_err(|e| failed(e.to_string()))?;
     for (id, token) in settings.special_tokens.iter().enumerate() {
         if tokenizer.token_to_id(token) != Some(id as u32) {
             return Err(failed(format!("special token {token:?} did not get id {id}")));

@@ -27,7 +27,9 @@ use crate::data::select::{check_split_spec, filter_by_length, select, LengthFilt
 use crate::data::synthetic::{generate, SyntheticSpec};
 use crate::data::tokenizer::load_tokenizer;
 use crate::data::DataError;
-use rlhf_engine::{ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError};
+use rlhf_engine::{
+    ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -113,8 +115,10 @@ impl Stage for DatasetStage {
                     .allow_external(ExternalPolicy::StageOrPathOrHub),
             ),
             (None, false) => {
-                return Err(PortsError::new(Some("filters"), "length filters count tokens and need a tokenizer")
-                    .with_hint("add `tokenizer: <a tokenizer or model stage, folder or hf:// id>`"))
+                return Err(
+                    PortsError::new(Some("filters"), "length filters count tokens and need a tokenizer")
+                        .with_hint("add `tokenizer: <a tokenizer or model stage, folder or hf:// id>`"),
+                )
             }
             (None, true) => {}
         }
@@ -122,7 +126,10 @@ impl Stage for DatasetStage {
             Some(split) => split.keys().cloned().collect(),
             None => vec!["data".to_string()],
         };
-        ports.outputs = names.iter().map(|n| OutputPort::new(n, ArtifactKind::Dataset)).collect();
+        ports.outputs = names
+            .iter()
+            .map(|n| OutputPort::new(n, ArtifactKind::Dataset))
+            .collect();
         Ok(ports)
     }
 
@@ -177,7 +184,11 @@ fn read_source(params: &DatasetParams, ctx: &StageContext, seed: u64) -> Result<
         Some(ArtifactKind::Preferences) => (input.path.join("pairs.jsonl"), Format::Preference),
         _ => (input.path.clone(), Format::Auto),
     };
-    let format = if params.format == Format::Auto { default_format } else { params.format };
+    let format = if params.format == Format::Auto {
+        default_format
+    } else {
+        params.format
+    };
     let options = LoadOptions {
         format,
         fields: params.fields.clone(),

@@ -20,7 +20,9 @@ use crate::data::row::DATA_FILE;
 use crate::data::template::PromptTemplate;
 use crate::data::tokenizer::{tokenizer_json, train_bpe, BpeSettings, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 use crate::data::{DataError, Format};
-use rlhf_engine::{ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError};
+use rlhf_engine::{
+    ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -94,7 +96,10 @@ impl Stage for TrainTokenizerStage {
             ("eos_token", &params.eos_token),
         ] {
             if !params.special_tokens.contains(token) {
-                return Err(PortsError::new(Some(param), format!("{token:?} is not one of `special_tokens`")));
+                return Err(PortsError::new(
+                    Some(param),
+                    format!("{token:?} is not one of `special_tokens`"),
+                ));
             }
         }
         let minimum = 256 + params.special_tokens.len();
@@ -139,7 +144,8 @@ impl Stage for TrainTokenizerStage {
             PromptTemplate::plain(template)?.save(&out)?;
         }
         ctx.metrics.set("vocab_size", tokenizer.get_vocab_size(true));
-        ctx.metrics.set("texts", rows.iter().map(|r| r.texts().len()).sum::<usize>());
+        ctx.metrics
+            .set("texts", rows.iter().map(|r| r.texts().len()).sum::<usize>());
         Ok(())
     }
 }
