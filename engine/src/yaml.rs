@@ -61,8 +61,29 @@ pub struct YamlError {
     pub message: String,
 }
 
-/// Parses one YAML document with budgets suited to pipeline files.
+/// Stack for parsing: deserialising one nesting level takes tens of KB of stack in a
+/// debug build (~45 KB measured), so [`MAX_DEPTH`] levels overflow a 2 MB thread (test
+/// threads, rayon workers) before the depth budget can refuse the file.
+const PARSE_STACK_BYTES: usize = 32 * 1024 * 1024;
+
+/// Parses one YAML document with budgets suited to pipeline files, on a thread whose
+/// stack fits [`MAX_DEPTH`] levels whatever the caller's stack is.
 pub fn parse(text: &str) -> Result<Node, YamlError> {
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("rlhf-yaml".into())
+            .stack_size(PARSE_STACK_BYTES)
+            .spawn_scoped(scope, || parse_here(text));
+        match worker {
+            Ok(handle) => handle.join().unwrap_or_else(|_| {
+                Err(YamlError { loc: Loc::default(), message: "the YAML parser failed on this file".to_string() })
+            }),
+            Err(_) => parse_here(text),
+        }
+    })
+}
+
+fn parse_here(text: &str) -> Result<Node, YamlError> {
     if text.len() > MAX_FILE_BYTES {
         return Err(YamlError {
             loc: Loc::default(),
@@ -103,13 +124,48 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
         };
         YamlError {
             loc,
-            message: first_line(&e.render_with_options(options)),
+            message: plain_message(&e).unwrap_or_else(|| first_line(&e.render_with_options(options))),
         }
     })?;
     Ok(node.unwrap_or(Node {
         value: NodeValue::Null,
         loc: Loc { line: 1, col: 1 },
     }))
+}
+
+/// Our words for the errors whose library wording names its internals (budget structs,
+/// `DuplicateKeyPolicy`) instead of what is wrong with the file.
+fn plain_message(error: &serde_saphyr::Error) -> Option<String> {
+    let mut inner = error;
+    while let serde_saphyr::Error::AliasError { error, .. } | serde_saphyr::Error::WithSnippet { error, .. } = inner {
+        inner = error;
+    }
+    match inner {
+        serde_saphyr::Error::DuplicateMappingKey { key, .. } => Some(match key {
+            Some(key) => format!("duplicate key `{key}`: each key may appear once in a mapping (stage names must be unique)"),
+            None => "duplicate key: each key may appear once in a mapping".to_string(),
+        }),
+        serde_saphyr::Error::Budget { breach, .. } => Some(budget_message(breach)),
+        _ if error.to_string().contains("recursion limit exceeded") => Some(too_deep()),
+        _ => None,
+    }
+}
+
+fn too_deep() -> String {
+    format!("refused: lists or mappings nested deeper than {MAX_DEPTH} levels")
+}
+
+fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    let name = format!("{breach:?}");
+    let name = name.split([' ', '{', '(']).next().unwrap_or_default().to_string();
+    match breach {
+        B::Depth { .. } => too_deep(),
+        _ if name.contains("Alias") || name.contains("Anchor") => {
+            "refused: YAML aliases expand to too many values (a \"billion laughs\" file?)".to_string()
+        }
+        _ => format!("refused: the file exceeds the limits for pipeline files ({name})"),
+    }
 }
 
 fn first_line(rendered: &str) -> String {
