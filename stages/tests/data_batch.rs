@@ -289,3 +289,36 @@ fn batch_encoding_equals_row_by_row_encoding() {
         "max_length reached: {lengths:?}"
     );
 }
+
+#[test]
+fn preference_replies_are_rendered_like_sft_completions() {
+    let config = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data/chat_templates/qwen2.5/tokenizer_config.json");
+    let renderer = PromptTemplate::from_tokenizer_config(&config)
+        .unwrap()
+        .renderer()
+        .unwrap();
+    let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
+    let multi = Row {
+        messages: Some(vec![Message::new("system", "Be brief."), Message::new("user", "Hi")]),
+        chosen: Some("Hello.".into()),
+        rejected: Some("Go away.".into()),
+        ..Row::default()
+    };
+    let pair = encoder.encode_pair(&multi).unwrap().unwrap();
+    let prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(pair.prompt, ids(prompt));
+    assert_eq!(pair.chosen, ids("Hello.<|im_end|>\n"));
+    assert_eq!(pair.rejected, ids("Go away.<|im_end|>\n"));
+    // The SFT encoding of the chosen conversation has the same prompt and completion.
+    let mut conversation = multi.messages.clone().unwrap();
+    conversation.push(Message::new("assistant", "Hello."));
+    let sft = encoder
+        .encode_example(&Row {
+            messages: Some(conversation),
+            ..Row::default()
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!((sft.prompt, sft.completion), (pair.prompt, pair.chosen));
+}

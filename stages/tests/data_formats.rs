@@ -358,3 +358,29 @@ fn real_hh_rlhf_gzip_file_splits_into_the_published_pairs() {
     let error = load_rows(&raw, &options(Format::Preference)).unwrap_err().to_string();
     assert!(error.contains("test.jsonl.gz:"), "{error}");
 }
+
+#[test]
+fn conversational_preference_rows_share_all_but_the_last_turn() {
+    let loaded = load_rows(&fixture("preference_chat.jsonl"), &skipping(Format::Auto)).unwrap();
+    assert_eq!(loaded.format, Format::Preference);
+    assert_eq!(loaded.skipped, 1);
+    assert!(loaded.skip_examples[0]
+        .contains("preference_chat.jsonl:3: `chosen` and `rejected` differ before their last turn"));
+    let single = &loaded.rows[0];
+    assert_eq!(
+        (
+            single.prompt.as_deref(),
+            single.chosen.as_deref(),
+            single.rejected.as_deref()
+        ),
+        (Some("What is 2+2?"), Some("4"), Some("5"))
+    );
+    assert_eq!(single.messages, None);
+    let multi = &loaded.rows[1];
+    assert_eq!(multi.prompt, None);
+    assert_eq!(
+        multi.messages.as_deref(),
+        Some(&[Message::new("system", "Be brief."), Message::new("user", "Hi")][..])
+    );
+    assert!(multi.has_shape(rlhf_stages::data::RowShape::Preference));
+}

@@ -292,3 +292,16 @@ fn length_filters_use_the_tokenizer_input() {
         500
     );
 }
+
+#[test]
+fn params_schemas_describe_sources_splits_and_tokenizer_settings() {
+    let registry = rlhf_stages::registry();
+    let dataset = registry.get("dataset").unwrap().params_schema().to_string();
+    for key in ["source", "synthetic", "format", "fields", "split", "shuffle", "limit", "sample", "filters", "on_error"] {
+        assert!(dataset.contains(&format!("\"{key}\"")), "{key} missing from the dataset schema");
+    }
+    let tokenizer = registry.get("train_tokenizer").unwrap().params_schema().to_string();
+    for key in ["data", "vocab_size", "special_tokens", "individual_digits", "template"] {
+        assert!(tokenizer.contains(&format!("\"{key}\"")), "{key} missing from the train_tokenizer schema");
+    }
+}

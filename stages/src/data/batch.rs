@@ -14,7 +14,7 @@
 //!   `*_tensor` methods turn them into candle tensors.
 
 use super::error::DataError;
-use super::row::Row;
+use super::row::{Message, Row};
 use super::template::Renderer;
 use super::tokenizer::SpecialTokens;
 use candle_core::{Device, Tensor};
@@ -89,14 +89,6 @@ impl<'a> Encoder<'a> {
         ids
     }
 
-    fn completion_ids(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        let mut ids = self.encode_text(text)?;
-        if self.renderer.template().appends_eos() {
-            ids.push(self.special.eos);
-        }
-        Ok(ids)
-    }
-
     /// The prompt as the model sees it, for generation.
     pub fn encode_prompt(&self, row: &Row) -> Result<Vec<u32>, DataError> {
         let rendered = self.renderer.render_row(row)?;
@@ -152,29 +144,30 @@ impl<'a> Encoder<'a> {
     }
 
     /// A preference pair's ids; `None` when the prompt leaves no room under max_length.
+    /// Each reply is rendered as the template renders an assistant turn (so a chat
+    /// template closes it), exactly like an SFT completion.
     pub fn encode_pair(&self, row: &Row) -> Result<Option<EncodedPair>, DataError> {
-        let pair = row
-            .preference()
-            .ok_or_else(|| DataError::template("the row has no `prompt`, `chosen` and `rejected`"))?;
-        let prompt_row = Row {
-            prompt: Some(pair.prompt.to_string()),
-            ..Row::default()
+        let (Some(chosen), Some(rejected)) = (&row.chosen, &row.rejected) else {
+            return Err(DataError::template("the row has no `chosen` and `rejected`"));
         };
-        let rendered = self.renderer.render_row(&prompt_row)?;
-        let prompt = self.with_optional_bos(self.encode_text(&rendered.prompt)?);
-        let mut chosen = self.completion_ids(pair.chosen)?;
-        let mut rejected = self.completion_ids(pair.rejected)?;
-        if let Some(room) = self.room_after(&prompt) {
-            if room == 0 {
-                return Ok(None);
-            }
-            chosen.truncate(room);
-            rejected.truncate(room);
-        }
+        let turns = match (&row.messages, &row.prompt) {
+            (Some(messages), _) => messages.clone(),
+            (None, Some(prompt)) => vec![Message::new("user", prompt)],
+            (None, None) => return Err(DataError::template("the preference row has no `prompt` or `messages`")),
+        };
+        let chosen = self.renderer.render_turns(&turns, Some(chosen))?;
+        let rejected = self.renderer.render_turns(&turns, Some(rejected))?;
+        let prompt = self.encode_text(&chosen.prompt)?;
+        let chosen = self.encode_text(chosen.completion.as_deref().unwrap_or_default())?;
+        let rejected = self.encode_text(rejected.completion.as_deref().unwrap_or_default())?;
+        let (Some(chosen), Some(rejected)) = (self.assemble(prompt.clone(), chosen), self.assemble(prompt, rejected))
+        else {
+            return Ok(None);
+        };
         Ok(Some(EncodedPair {
-            prompt,
-            chosen,
-            rejected,
+            prompt: chosen.prompt,
+            chosen: chosen.completion,
+            rejected: rejected.completion,
         }))
     }
 

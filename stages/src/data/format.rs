@@ -6,7 +6,7 @@
 //! | `prompt_completion` | prompt, completion | prompt, completion |
 //! | `prompt` | prompt | prompt only (prompts for generation, RL) |
 //! | `chat` | messages: [{role, content}] | messages |
-//! | `preference` | prompt, chosen, rejected, margin | prompt, chosen, rejected, margin; with no prompt field, chosen and rejected are Anthropic HH-RLHF dialogues (see [`split_hh_dialogues`]) |
+//! | `preference` | prompt, chosen, rejected, margin | prompt, chosen, rejected, margin; with no prompt field, chosen and rejected are Anthropic HH-RLHF dialogues (see [`split_hh_dialogues`]); chosen and rejected may also be whole conversations (message lists) sharing all but their last, assistant, turn |
 //! | `text` | text | text |
 //! | `rows` | the row schema itself (`row.rs`) | as is; unknown keys are errors |
 //!
@@ -66,7 +66,9 @@ impl Format {
             Format::PromptCompletion => &["prompt", "completion", "category", "answer"],
             Format::Prompt => &["prompt", "category", "answer"],
             Format::Chat => &["messages", "role", "content", "category", "answer"],
-            Format::Preference => &["prompt", "chosen", "rejected", "margin", "category", "answer"],
+            Format::Preference => &[
+                "prompt", "chosen", "rejected", "margin", "role", "content", "category", "answer",
+            ],
             Format::Text => &["text", "category"],
         }
     }
@@ -172,6 +174,10 @@ fn dolly(reader: &FieldReader) -> Result<Row, DataError> {
 }
 
 fn preference(reader: &FieldReader) -> Result<Row, DataError> {
+    let chosen_column = reader.column("chosen");
+    if let Some(Value::Array(_)) = reader.record.get(chosen_column) {
+        return conversational_preference(reader);
+    }
     let chosen = reader.required("chosen")?;
     let rejected = reader.required("rejected")?;
     let margin = reader.number("margin")?;
@@ -186,6 +192,38 @@ fn preference(reader: &FieldReader) -> Result<Row, DataError> {
         margin,
         ..Row::default()
     })
+}
+
+/// `chosen` and `rejected` as whole conversations (TRL's conversational preference
+/// layout): they must share every turn but the last, which must be the assistant's.
+/// A shared single user turn becomes `prompt`; longer shared turns stay `messages`.
+fn conversational_preference(reader: &FieldReader) -> Result<Row, DataError> {
+    let chosen = messages_at(reader, "chosen")?;
+    let rejected = messages_at(reader, "rejected")?;
+    let (Some((chosen_reply, chosen_turns)), Some((rejected_reply, rejected_turns))) =
+        (chosen.split_last(), rejected.split_last())
+    else {
+        return Err(reader.bad("`chosen` and `rejected` conversations must not be empty".into()));
+    };
+    if chosen_reply.role != "assistant" || rejected_reply.role != "assistant" {
+        return Err(reader.bad("`chosen` and `rejected` must end with an assistant turn".into()));
+    }
+    if chosen_turns != rejected_turns {
+        return Err(reader.bad("`chosen` and `rejected` differ before their last turn".into()));
+    }
+    let mut row = Row {
+        chosen: Some(chosen_reply.content.clone()),
+        rejected: Some(rejected_reply.content.clone()),
+        margin: reader.number("margin")?,
+        ..Row::default()
+    };
+    match (reader.optional("prompt")?, chosen_turns) {
+        (Some(prompt), []) => row.prompt = Some(prompt),
+        (None, [only]) if only.role == "user" => row.prompt = Some(only.content.clone()),
+        (None, []) => return Err(reader.missing("prompt")),
+        (_, turns) => row.messages = Some(turns.to_vec()),
+    }
+    Ok(row)
 }
 
 /// Splits two Anthropic HH-RLHF dialogues ("\n\nHuman: … \n\nAssistant: …") that share
@@ -216,9 +254,14 @@ pub fn split_hh_dialogues(chosen: &str, rejected: &str) -> Result<(String, Strin
 }
 
 fn chat_messages(reader: &FieldReader) -> Result<Vec<Message>, DataError> {
-    let column = reader.column("messages");
+    messages_at(reader, "messages")
+}
+
+/// A list of {role, content} objects under the canonical field `name`.
+fn messages_at(reader: &FieldReader, name: &str) -> Result<Vec<Message>, DataError> {
+    let column = reader.column(name);
     let Some(value) = reader.record.get(column) else {
-        return Err(reader.missing("messages"));
+        return Err(reader.missing(name));
     };
     let Value::Array(items) = value else {
         return Err(reader.bad(format!(

@@ -11,7 +11,7 @@
 //! | `prompt` | string | the raw prompt text, before any template |
 //! | `completion` | string | the reference completion (SFT target) |
 //! | `messages` | `[{"role", "content"}]` | a chat; rendered with a chat template |
-//! | `chosen`, `rejected` | string | a preference pair's two completions of `prompt` |
+//! | `chosen`, `rejected` | string | a preference pair's two completions of `prompt` (or of the chat `messages`) |
 //! | `margin` | number | how strongly `chosen` is preferred (optional) |
 //! | `text` | string | plain LM text (pretraining) |
 //! | `answer` | string | a gold answer for rule-based judging (exact match) |
@@ -102,7 +102,7 @@ impl RowShape {
     fn needs(self) -> &'static str {
         match self {
             RowShape::PromptCompletion => "`prompt` and `completion` (or `messages` ending with an assistant turn)",
-            RowShape::Preference => "`prompt`, `chosen` and `rejected`",
+            RowShape::Preference => "`prompt` (or `messages`), `chosen` and `rejected`",
             RowShape::Prompt => "`prompt` (or `messages`)",
             RowShape::Text => "`text` (or `prompt` and `completion`)",
         }
@@ -119,6 +119,8 @@ impl Row {
         }
     }
 
+    /// The pair with a plain-text prompt; `None` for rows whose prompt is a multi-turn
+    /// chat (`messages`): encode those with `batch::Encoder::encode_pair`.
     pub fn preference(&self) -> Option<PreferencePair<'_>> {
         match (&self.prompt, &self.chosen, &self.rejected) {
             (Some(prompt), Some(chosen), Some(rejected)) => Some(PreferencePair {
@@ -153,7 +155,9 @@ impl Row {
     pub fn has_shape(&self, shape: RowShape) -> bool {
         match shape {
             RowShape::PromptCompletion => self.prompt_completion().is_some() || self.split_last_assistant().is_some(),
-            RowShape::Preference => self.preference().is_some(),
+            RowShape::Preference => {
+                self.chosen.is_some() && self.rejected.is_some() && (self.prompt.is_some() || self.messages.is_some())
+            }
             RowShape::Prompt => self.prompt.is_some() || self.messages.is_some(),
             RowShape::Text => self.lm_text().is_some(),
         }
