@@ -161,3 +161,25 @@ fn tokenizer_config_without_chat_template_says_how_to_use_a_plain_one() {
     let error = PromptTemplate::from_tokenizer_config(&config).unwrap_err().to_string();
     assert!(error.contains("no `chat_template`"), "{error}");
 }
+
+#[test]
+fn a_yaml_template_spec_names_default_chat_or_a_custom_string() {
+    let qwen = chat_templates_dir().join("qwen2.5");
+    assert_eq!(
+        PromptTemplate::from_spec("default", &qwen).unwrap(),
+        PromptTemplate::default()
+    );
+    assert!(matches!(
+        PromptTemplate::from_spec("chat", &qwen).unwrap(),
+        PromptTemplate::Chat { .. }
+    ));
+    assert_eq!(
+        PromptTemplate::from_spec("{prompt}", &qwen).unwrap(),
+        PromptTemplate::plain("{prompt}").unwrap()
+    );
+    assert!(
+        PromptTemplate::from_spec("chat", &chat_templates_dir()).is_err(),
+        "no tokenizer_config.json there"
+    );
+    assert!(PromptTemplate::from_spec("no placeholder", &qwen).is_err());
+}

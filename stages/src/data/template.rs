@@ -72,6 +72,17 @@ impl PromptTemplate {
         })
     }
 
+    /// The template a YAML `template:` value names: `default` (the Dolly layout), `chat`
+    /// (the chat template in `model_dir/tokenizer_config.json`), or a custom string with
+    /// `{prompt}`.
+    pub fn from_spec(spec: &str, model_dir: &Path) -> Result<Self, DataError> {
+        match spec {
+            "default" => Ok(PromptTemplate::default()),
+            "chat" => PromptTemplate::from_tokenizer_config(&model_dir.join("tokenizer_config.json")),
+            custom => PromptTemplate::plain(custom),
+        }
+    }
+
     /// The chat template of a tokenizer_config.json (a string, or a list of named
     /// templates of which `default` is taken), with its bos/eos tokens.
     pub fn from_tokenizer_config(path: &Path) -> Result<Self, DataError> {
