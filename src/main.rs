@@ -84,6 +84,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a static HTML report: every cached stage's curves and the evaluation tables.
+    Report {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Output folder (default: <pipeline dir>/<name>-report).
+        #[arg(short = 'o', long = "output", value_name = "DIR")]
+        output: Option<PathBuf>,
+    },
+    /// Complete a prompt with the model of a cached stage, through its template.
+    Generate {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        stage: String,
+        /// The raw prompt (the model's template is applied to it).
+        #[arg(long, required_unless_present = "interactive", conflicts_with = "interactive")]
+        prompt: Option<String>,
+        /// Read prompts from stdin, one per line, until EOF.
+        #[arg(long)]
+        interactive: bool,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Inspect and maintain the cache.
     Cache {
         #[command(subcommand)]
@@ -151,6 +182,11 @@ fn main() -> ExitCode {
         Command::Validate { pipeline } => commands::inspect::validate(&pipeline.file, &pipeline.set),
         Command::Schema => commands::inspect::schema(),
         Command::Show { pipeline, stage, json } => commands::status::show(&pipeline.file, &pipeline.set, &cache_dir, &stage, json),
+        Command::Report { pipeline, output } => commands::report::report(&pipeline.file, &pipeline.set, &cache_dir, output.as_deref()),
+        Command::Generate { pipeline, stage, prompt, interactive, max_new_tokens, temperature, top_k, top_p, seed } => {
+            let options = commands::generate::GenerateOptions { prompt, interactive, max_new_tokens, temperature, top_k, top_p, seed };
+            commands::generate::generate(&pipeline.file, &pipeline.set, &cache_dir, &stage, &options)
+        }
         Command::Cache { command } => match command {
             CacheCommand::Ls { json } => commands::cache::ls(&cache_dir, json),
             CacheCommand::Gc { apply, json } => commands::cache::gc(&cache_dir, apply, json),

@@ -1,7 +1,9 @@
 //! One module per group of CLI commands, and how errors are printed.
 
 pub mod cache;
+pub mod generate;
 pub mod inspect;
+pub mod report;
 pub mod run;
 pub mod status;
 

@@ -5,6 +5,7 @@
 //! - [`algo`]: losses and estimators as pure functions (GAE, KL, PPO, GRPO, DPO).
 //! - [`eval`]: evaluation metrics (ROUGE as rouge-score computes it, perplexity, exact match).
 //! - [`hub`]: `hf://` references fetched and cached through hf-hub.
+//! - [`report`]: the static HTML report of a pipeline (curves and evaluation tables).
 //! - [`kinds`]: one module per stage kind, registered in [`registry`].
 
 pub mod algo;
@@ -13,6 +14,7 @@ pub mod eval;
 pub mod hub;
 pub mod kinds;
 pub mod model;
+pub mod report;
 pub mod testing;
 
 /// Every stage kind this crate provides.

@@ -1,7 +1,7 @@
 //! Loading "a model input, whatever its kind" for evaluation and generation: a Model
 //! artifact (a Hugging Face folder), an Adapter artifact (PEFT LoRA whose
-//! `base_model_name_or_path` is the base model's artifact digest, looked up in the
-//! cache), or a RewardModel artifact (a model folder, or an adapter, whose weights hold
+//! `base.json` / `base_model_name_or_path` is the base model's artifact digest, looked
+//! up in the cache), or a RewardModel artifact (a model folder, or an adapter, whose weights hold
 //! a `score.weight` head). Each comes with what it takes to talk to it: tokenizer,
 //! special tokens, prompt template (`template.json` of the adapter, else of the base,
 //! else the default plain template) and whether prompts start with bos.
@@ -77,10 +77,23 @@ fn resolve(path: &Path, lookup: DigestLookup) -> Result<Resolved, EvalError> {
             None,
         )
     })?;
-    let base = config
-        .get("base_model_name_or_path")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default();
+    // Training stages also write `base.json` {"base_model_digest"}; it wins when present.
+    let base_json = std::fs::read_to_string(path.join("base.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|v| {
+            v.get("base_model_digest")
+                .and_then(|d| d.as_str())
+                .map(str::to_string)
+        });
+    let base = base_json.unwrap_or_else(|| {
+        config
+            .get("base_model_name_or_path")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    });
+    let base = base.as_str();
     let base_dir = lookup(base)
         .filter(|p| p.is_dir())
         .or_else(|| Some(PathBuf::from(base)).filter(|p| p.join("config.json").exists()))
