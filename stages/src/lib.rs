@@ -16,6 +16,7 @@ pub mod kinds;
 pub mod model;
 pub mod report;
 pub mod testing;
+pub mod train;
 
 /// Every stage kind this crate provides.
 pub fn registry() -> rlhf_engine::Registry {

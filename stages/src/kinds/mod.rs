@@ -4,6 +4,11 @@ pub mod command;
 pub mod dataset;
 pub mod evaluate;
 pub mod load_pretrained;
+pub mod dpo;
+pub mod pretrain;
+pub mod reference_logprobs;
+pub mod reward_model;
+pub mod sft;
 pub mod train_tokenizer;
 
 use rlhf_engine::Registry;
@@ -14,5 +19,10 @@ pub fn register_all(registry: &mut Registry) {
     registry.register::<dataset::DatasetStage>();
     registry.register::<evaluate::EvaluateStage>();
     registry.register::<load_pretrained::LoadPretrainedStage>();
+    registry.register::<dpo::DpoStage>();
+    registry.register::<pretrain::PretrainStage>();
+    registry.register::<reference_logprobs::ReferenceLogprobsStage>();
+    registry.register::<reward_model::RewardModelStage>();
+    registry.register::<sft::SftStage>();
     registry.register::<train_tokenizer::TrainTokenizerStage>();
 }

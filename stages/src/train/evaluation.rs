@@ -1,0 +1,55 @@
+//! Held-out evaluation used inside training stages: exact match of greedy answers
+//! (BENCH.md: greedy, at most `max_new_tokens`, stop at eos, the text up to the first
+//! newline stripped must equal the gold completion stripped).
+
+use super::model_input::TextCodec;
+use super::StageResultExt;
+use crate::data::row::Row;
+use crate::eval::metrics::exact_match;
+use crate::model::{generate, CausalLm, GenerationSettings};
+use rlhf_engine::StageError;
+
+/// Prompts per generation batch.
+const GENERATION_BATCH: usize = 100;
+
+/// Fraction of `rows` (prompt + completion, or prompt + answer) whose greedy answer is
+/// exactly right.
+pub fn exact_match_accuracy(
+    model: &CausalLm,
+    codec: &TextCodec,
+    rows: &[Row],
+    max_new_tokens: usize,
+) -> Result<f64, StageError> {
+    if rows.is_empty() {
+        return Ok(f64::NAN);
+    }
+    let encoder = codec.encoder();
+    let settings = GenerationSettings {
+        max_new_tokens,
+        eos_token_ids: vec![codec.special.eos],
+        pad_token_id: codec.special.pad,
+        ..GenerationSettings::greedy()
+    };
+    let mut correct = 0usize;
+    for chunk in rows.chunks(GENERATION_BATCH) {
+        let prompts = chunk
+            .iter()
+            .map(|row| encoder.encode_prompt(row))
+            .collect::<Result<Vec<_>, _>>()
+            .or_fail("encoding evaluation prompts")?;
+        let output = generate(model, &prompts, &settings, None).or_fail("greedy generation")?;
+        for (row, tokens) in chunk.iter().zip(&output.tokens) {
+            let text = codec
+                .tokenizer
+                .decode(tokens, true)
+                .or_fail("decoding a generated answer")?;
+            let gold = row
+                .completion
+                .as_deref()
+                .or(row.answer.as_deref())
+                .unwrap_or("");
+            correct += usize::from(exact_match(&text, gold));
+        }
+    }
+    Ok(correct as f64 / rows.len() as f64)
+}

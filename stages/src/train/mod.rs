@@ -1,0 +1,106 @@
+//! The machinery the training stage kinds (pretrain, sft, reward_model, dpo) share, as
+//! free functions rather than a trainer class (../shared/STYLE.md, torchtune row):
+//!
+//! - [`settings`]: the optimiser/schedule params every training kind accepts.
+//! - [`model_input`]: "a model input", whatever its artifact kind (Model, Adapter → base +
+//!   LoRA, RewardModel), with its tokenizer and prompt template; writing adapters.
+//! - [`training_loop`]: one linear loop (micro-batches, accumulation, clip, AdamW step,
+//!   schedule, metrics, eval, checkpoints) driven by a per-stage `micro_step` closure.
+//! - [`checkpoint`]: atomic checkpoints in the stage's scratch dir, and resume.
+//! - [`evaluation`]: held-out exact match by greedy generation (BENCH.md).
+//!
+//! Determinism: the data order of epoch `e` is a function of (stage seed, e); LoRA
+//! dropout of optimiser step `s` draws from ChaCha8(seed, stream s). Both are functions of
+//! the step count, so a checkpoint only needs the weights, the optimiser state, the step
+//! and the metric lines written so far.
+
+pub mod checkpoint;
+pub mod evaluation;
+pub mod model_input;
+pub mod pairs;
+pub mod settings;
+pub mod training_loop;
+
+use rlhf_engine::StageError;
+
+/// Turns any error into a [`StageError`] that says what was being done.
+pub trait StageResultExt<T> {
+    fn or_fail(self, doing: &str) -> Result<T, StageError>;
+}
+
+impl<T, E: std::fmt::Display> StageResultExt<T> for Result<T, E> {
+    fn or_fail(self, doing: &str) -> Result<T, StageError> {
+        self.map_err(|e| StageError::failed(format!("{doing}: {e}")))
+    }
+}
+
+/// The rows of the dataset input `name`.
+pub fn read_dataset(
+    ctx: &rlhf_engine::StageContext,
+    name: &str,
+) -> Result<Vec<crate::data::row::Row>, StageError> {
+    let input = ctx.input(name)?;
+    crate::data::row::read_rows(&input.path).or_fail(&format!("reading input `{name}`"))
+}
+
+/// Writes the wall-clock figures of a finished run to the run log (never the artifact).
+pub fn log_throughput(
+    ctx: &mut rlhf_engine::StageContext,
+    summary: &training_loop::TrainSummary,
+) -> Result<(), StageError> {
+    let seconds = summary.seconds.max(1e-9);
+    ctx.metrics.timing(
+        summary.steps as u64,
+        &[
+            ("train_seconds", summary.seconds),
+            ("train_tokens_per_second", summary.tokens as f64 / seconds),
+            (
+                "train_examples_per_second",
+                summary.examples as f64 / seconds,
+            ),
+        ],
+    )?;
+    tracing::info!(
+        stage = %ctx.stage,
+        seconds = summary.seconds,
+        tokens_per_second = summary.tokens as f64 / seconds,
+        examples_per_second = summary.examples as f64 / seconds,
+        "training finished"
+    );
+    eprintln!(
+        "{}: {} steps in {:.1}s, {:.0} tokens/s, {:.1} examples/s",
+        ctx.stage,
+        summary.steps - summary.resumed_from_step,
+        summary.seconds,
+        summary.tokens as f64 / seconds,
+        summary.examples as f64 / seconds
+    );
+    Ok(())
+}
+
+/// The metrics.json values every training kind writes.
+pub fn set_summary_metrics(
+    ctx: &mut rlhf_engine::StageContext,
+    summary: &training_loop::TrainSummary,
+    varmap: &candle_nn::VarMap,
+    examples: usize,
+) {
+    ctx.metrics.set("steps", summary.steps as u64);
+    ctx.metrics.set("examples", examples as u64);
+    ctx.metrics.set("train_loss", summary.final_loss);
+    let trainable: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    ctx.metrics.set("trainable_parameters", trainable as u64);
+    for (name, value) in summary
+        .history
+        .last()
+        .map(|l| l.values.clone())
+        .unwrap_or_default()
+    {
+        if name.starts_with("eval_") {
+            ctx.metrics.set(&name, value);
+        }
+    }
+    if let Some(start) = summary.first_value("eval_accuracy") {
+        ctx.metrics.set("eval_accuracy_start", start);
+    }
+}
