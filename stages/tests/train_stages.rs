@@ -1,0 +1,423 @@
+//! The training kinds (pretrain, sft, reward_model, reference_logprobs, dpo) driven
+//! through the registry on a tiny random Llama (hidden 32, 2 layers) with the BENCH.md
+//! tokenizer and a few dozen rows of the BENCH.md data, a handful of steps each.
+
+use candle_core::{DType, Device};
+use rlhf_engine::context::ArtifactLookup;
+use rlhf_engine::metrics::MetricsSink;
+use rlhf_engine::{ArtifactKind, InputArtifact, StageContext};
+use rlhf_stages::data::row::{write_rows, Row};
+use rlhf_stages::model::{save_model_folder, CausalLm, LlamaConfig, Trainability};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+struct Lookup(BTreeMap<String, PathBuf>);
+
+impl ArtifactLookup for Lookup {
+    fn artifact_path(&self, digest: &str) -> Option<PathBuf> {
+        self.0.get(digest).cloned()
+    }
+}
+
+/// Folders shared by a test: the tiny model, datasets, and everything written.
+struct Workspace {
+    dir: tempfile::TempDir,
+    /// digest → artifact folder, for adapters' base lookups.
+    artifacts: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug)]
+struct Ran {
+    output: PathBuf,
+    metrics: serde_json::Map<String, Value>,
+}
+
+fn bench_rows(file: &str, count: usize) -> Option<Vec<Row>> {
+    let path = rlhf_stages::testing::shared_path(&format!("bench/trl/data/{file}"))?;
+    let text = std::fs::read_to_string(path).unwrap();
+    Some(
+        text.lines()
+            .take(count)
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    )
+}
+
+impl Workspace {
+    /// A tiny random model with the BENCH.md tokenizer and datasets `pretrain`, `sft`,
+    /// `prefs`, `eval`, `eval_prefs`; `None` (skip) without ../shared.
+    fn new() -> Option<Workspace> {
+        let tokenizer = rlhf_stages::testing::shared_path("bench/trl/tokenizer")?;
+        let dir = tempfile::tempdir().unwrap();
+        let config: LlamaConfig = serde_json::from_value(json!({
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 512, "max_position_embeddings": 64,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
+        }))
+        .unwrap();
+        let model =
+            CausalLm::random(config, 7, DType::F32, &Device::Cpu, Trainability::Frozen).unwrap();
+        let model_dir = dir.path().join("base");
+        save_model_folder(
+            &model,
+            &model_dir,
+            Some(&tokenizer),
+            &[],
+            &Default::default(),
+        )
+        .unwrap();
+        for (name, file, count) in [
+            ("pretrain", "pretrain.jsonl", 64),
+            ("sft", "sft.jsonl", 48),
+            ("prefs", "prefs.jsonl", 32),
+            ("eval", "eval.jsonl", 8),
+            ("eval_prefs", "eval_prefs.jsonl", 8),
+        ] {
+            let rows = bench_rows(file, count)?;
+            let out = dir.path().join("data").join(name);
+            std::fs::create_dir_all(&out).unwrap();
+            write_rows(&out, &rows).unwrap();
+        }
+        let mut artifacts = BTreeMap::new();
+        artifacts.insert(digest_of("base"), model_dir);
+        Some(Workspace { dir, artifacts })
+    }
+
+    fn data(&self, name: &str) -> PathBuf {
+        self.dir.path().join("data").join(name)
+    }
+
+    /// Runs `kind` with `params`; inputs are (port, artifact folder, kind). `scratch`
+    /// names the scratch dir (reuse it to resume); the output goes to `out/<name>`.
+    fn run(
+        &mut self,
+        kind: &str,
+        params: Value,
+        inputs: &[(&str, PathBuf, ArtifactKind)],
+        scratch: &str,
+        name: &str,
+    ) -> Result<Ran, String> {
+        let registry = rlhf_stages::registry();
+        let stage = registry.get(kind).unwrap();
+        let configured = stage.configure(&params).map_err(|e| format!("{e:?}"))?;
+        let root = self.dir.path();
+        let mut ctx = StageContext::new(
+            name,
+            kind,
+            42,
+            root.join("scratch").join(scratch),
+            root.join("logs"),
+        )
+        .with_lookup(Box::new(Lookup(self.artifacts.clone())));
+        for (port, path, kind) in inputs {
+            let digest = self
+                .artifacts
+                .iter()
+                .find(|(_, p)| *p == path)
+                .map(|(d, _)| d.clone())
+                .unwrap_or_else(|| digest_of(&path.display().to_string()));
+            ctx = ctx.with_input(
+                port,
+                InputArtifact {
+                    path: path.clone(),
+                    kind: Some(*kind),
+                    digest,
+                    reference: port.to_string(),
+                },
+            );
+        }
+        let output = root.join("out").join(name);
+        if output.exists() {
+            std::fs::remove_dir_all(&output).unwrap();
+        }
+        std::fs::create_dir_all(&output).unwrap();
+        let port = &configured.ports.outputs[0].name;
+        ctx = ctx
+            .with_output(port, output.clone())
+            .with_metrics(MetricsSink::new(Some(output.clone()), None));
+        stage
+            .run(&configured.params, &mut ctx)
+            .map_err(|e| format!("{e} (hint: {:?})", e.hint()))?;
+        ctx.metrics.finish().unwrap();
+        self.artifacts.insert(digest_of(name), output.clone());
+        Ok(Ran {
+            output,
+            metrics: ctx.metrics.summary().clone(),
+        })
+    }
+
+    fn base(&self) -> PathBuf {
+        self.dir.path().join("base")
+    }
+}
+
+/// A stand-in content digest (these tests do not hash folders).
+fn digest_of(name: &str) -> String {
+    blake3::hash(name.as_bytes()).to_hex().to_string()
+}
+
+/// Every file of a folder with its bytes, sorted by name.
+fn folder_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn sft_params(max_steps: usize) -> Value {
+    json!({ "model": "base", "data": "sft", "eval": "eval", "template": "{prompt}",
+            "lora": { "r": 4, "alpha": 8, "dropout": 0.1, "targets": "all-linear" },
+            "learning_rate": 1e-3, "batch_size": 4, "max_steps": max_steps, "checkpoint_every": 2 })
+}
+
+fn sft_inputs(ws: &Workspace) -> Vec<(&'static str, PathBuf, ArtifactKind)> {
+    vec![
+        ("model", ws.base(), ArtifactKind::Model),
+        ("data", ws.data("sft"), ArtifactKind::Dataset),
+        ("eval", ws.data("eval"), ArtifactKind::Dataset),
+    ]
+}
+
+#[test]
+fn sft_resumed_from_a_checkpoint_writes_the_same_bytes_as_an_uninterrupted_run() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = sft_inputs(&ws);
+    let straight = ws
+        .run("sft", sft_params(5), &inputs, "straight", "a")
+        .unwrap();
+    // A first run leaves checkpoints (steps 2 and 4) in scratch `resumed`; the engine
+    // would empty it after a commit, so a second run there resumes at step 4, as after a kill.
+    ws.run("sft", sft_params(5), &inputs, "resumed", "b")
+        .unwrap();
+    let latest = ws.dir.path().join("scratch/resumed/checkpoints/latest");
+    assert_eq!(std::fs::read_to_string(&latest).unwrap(), "step-00000004");
+    let resumed = ws
+        .run("sft", sft_params(5), &inputs, "resumed", "c")
+        .unwrap();
+    assert_eq!(
+        folder_bytes(&straight.output),
+        folder_bytes(&resumed.output)
+    );
+    let lines = std::fs::read_to_string(resumed.output.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        lines.lines().filter(|l| l.contains("\"loss\"")).count(),
+        5,
+        "{lines}"
+    );
+}
+
+#[test]
+fn sft_writes_a_peft_adapter_that_names_its_base_by_digest() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = sft_inputs(&ws);
+    let ran = ws.run("sft", sft_params(2), &inputs, "s", "sft").unwrap();
+    let base: Value =
+        serde_json::from_slice(&std::fs::read(ran.output.join("base.json")).unwrap()).unwrap();
+    assert_eq!(base["base_model_digest"], digest_of("base"));
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(ran.output.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["r"], 4);
+    assert!(ran.output.join("adapter_model.safetensors").exists());
+    assert!(ran.output.join("tokenizer.json").exists());
+    assert!(ran.output.join("template.json").exists());
+    for key in [
+        "eval_accuracy",
+        "eval_accuracy_start",
+        "train_loss",
+        "steps",
+    ] {
+        assert!(
+            ran.metrics.contains_key(key),
+            "{key} missing from {:?}",
+            ran.metrics
+        );
+    }
+    assert_eq!(ran.metrics["steps"], 2);
+}
+
+#[test]
+fn sft_lowers_the_completion_loss_on_its_training_data() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = sft_inputs(&ws);
+    let mut params = sft_params(12);
+    params["lora"] = Value::Null; // full fine-tuning writes a model folder
+    params["learning_rate"] = json!(3e-3);
+    params["optimizer"] = json!({ "schedule": "constant" });
+    let ran = ws.run("sft", params, &inputs, "s", "sft").unwrap();
+    assert!(ran.output.join("model.safetensors").exists());
+    let losses: Vec<f64> = std::fs::read_to_string(ran.output.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    let (first, last) = (
+        losses[..3].iter().sum::<f64>(),
+        losses[losses.len() - 3..].iter().sum::<f64>(),
+    );
+    assert!(last < first * 0.92, "losses did not fall: {losses:?}");
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_stage_naming_the_step() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = vec![
+        ("model", ws.base(), ArtifactKind::Model),
+        ("data", ws.data("pretrain"), ArtifactKind::Dataset),
+    ];
+    let params = json!({ "model": "base", "data": "pretrain", "learning_rate": 1e30,
+                         "batch_size": 8, "max_steps": 6, "optimizer": { "max_grad_norm": null } });
+    let error = ws
+        .run("pretrain", params, &inputs, "p", "pretrain")
+        .unwrap_err();
+    assert!(error.contains("at step"), "{error}");
+}
+
+#[test]
+fn pretrain_writes_a_model_folder_with_its_template() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = vec![
+        ("model", ws.base(), ArtifactKind::Model),
+        ("data", ws.data("pretrain"), ArtifactKind::Dataset),
+        ("eval", ws.data("eval"), ArtifactKind::Dataset),
+    ];
+    let params = json!({ "model": "base", "data": "pretrain", "eval": "eval", "template": "{prompt}",
+                         "batch_size": 8, "max_steps": 3 });
+    let ran = ws
+        .run("pretrain", params, &inputs, "p", "pretrain")
+        .unwrap();
+    let reloaded =
+        CausalLm::load(&ran.output, DType::F32, &Device::Cpu, Trainability::Frozen).unwrap();
+    assert_eq!(reloaded.config.hidden_size, 32);
+    let template = std::fs::read_to_string(ran.output.join("template.json")).unwrap();
+    assert!(template.contains("{prompt}"), "{template}");
+    assert_eq!(ran.metrics["steps"], 3);
+}
+
+#[test]
+fn reward_model_folder_loads_as_sequence_classification_with_a_score_head() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = vec![
+        ("model", ws.base(), ArtifactKind::Model),
+        ("data", ws.data("prefs"), ArtifactKind::Dataset),
+        ("eval", ws.data("eval_prefs"), ArtifactKind::Dataset),
+    ];
+    let params = json!({ "model": "base", "data": "prefs", "eval": "eval_prefs", "template": "{prompt}",
+                         "batch_size": 8, "max_steps": 3 });
+    let ran = ws.run("reward_model", params, &inputs, "r", "rm").unwrap();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(ran.output.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["architectures"],
+        json!(["LlamaForSequenceClassification"])
+    );
+    assert_eq!(config["num_labels"], 1);
+    let tensors =
+        candle_core::safetensors::load(ran.output.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(tensors["score.weight"].dims(), &[1, 32]);
+    for key in [
+        "eval_accuracy",
+        "eval_margin",
+        "eval_loss",
+        "eval_policy_logprob_accuracy",
+    ] {
+        assert!(
+            ran.metrics.contains_key(key),
+            "{key} missing from {:?}",
+            ran.metrics
+        );
+    }
+}
+
+#[test]
+fn dpo_continues_the_sft_adapter_against_precomputed_reference_logprobs() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = sft_inputs(&ws);
+    let sft = ws.run("sft", sft_params(2), &inputs, "s", "sft").unwrap();
+    let reference = ws
+        .run(
+            "reference_logprobs",
+            json!({ "model": "sft", "data": "prefs" }),
+            &[
+                ("model", sft.output.clone(), ArtifactKind::Adapter),
+                ("data", ws.data("prefs"), ArtifactKind::Dataset),
+            ],
+            "ref",
+            "ref",
+        )
+        .unwrap();
+    assert_eq!(reference.metrics["pairs"], 32);
+    let dpo_inputs = vec![
+        ("model", sft.output.clone(), ArtifactKind::Adapter),
+        ("reference", reference.output.clone(), ArtifactKind::Files),
+        ("data", ws.data("prefs"), ArtifactKind::Dataset),
+    ];
+    let params = json!({ "model": "sft", "reference": "ref", "data": "prefs", "batch_size": 8, "max_steps": 2 });
+    let dpo = ws.run("dpo", params, &dpo_inputs, "d", "dpo").unwrap();
+    // At step 1 the policy is the reference: DPO's loss is log 2 (sigmoid, β h = 0).
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(dpo.output.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let loss = first["loss"].as_f64().unwrap();
+    assert!(
+        (loss - std::f64::consts::LN_2).abs() < 1e-3,
+        "first DPO loss {loss}"
+    );
+    let base: Value =
+        serde_json::from_slice(&std::fs::read(dpo.output.join("base.json")).unwrap()).unwrap();
+    assert_eq!(base["base_model_digest"], digest_of("base"));
+}
+
+#[test]
+fn dpo_refuses_reference_logprobs_of_other_data() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let reference = ws
+        .run(
+            "reference_logprobs",
+            json!({ "model": "base", "data": "prefs" }),
+            &[
+                ("model", ws.base(), ArtifactKind::Model),
+                ("data", ws.data("eval_prefs"), ArtifactKind::Dataset),
+            ],
+            "ref",
+            "ref",
+        )
+        .unwrap();
+    let inputs = vec![
+        ("model", ws.base(), ArtifactKind::Model),
+        ("reference", reference.output.clone(), ArtifactKind::Files),
+        ("data", ws.data("prefs"), ArtifactKind::Dataset),
+    ];
+    let params = json!({ "model": "base", "reference": "ref", "data": "prefs", "max_steps": 1 });
+    let error = ws.run("dpo", params, &inputs, "d", "dpo").unwrap_err();
+    assert!(error.contains("other data"), "{error}");
+}
