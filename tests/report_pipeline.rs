@@ -145,7 +145,7 @@ fn report_of_a_pipeline_never_run_lists_stages_without_plots() {
     report.assert_code(0);
     let html = std::fs::read_to_string(project.path("demo-report/index.html")).unwrap();
     assert!(
-        html.contains("<td>train</td><td>command</td><td>stale</td>"),
+        html.contains("<td>train</td><td>command</td><td>stale</td><td class=\"num\">0</td>"),
         "{html}"
     );
     assert!(!html.contains("<polyline"));

@@ -89,7 +89,7 @@ h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:28px;border-bot
 .muted{color:#777;font-size:13px}.charts{display:flex;flex-wrap:wrap;gap:12px}
 .chart{background:#fff;border:1px solid #eee}.chart .title{font-size:13px;font-weight:600}
 .chart .tick{font-size:10px;fill:#555}.chart .axis{font-size:11px;fill:#555}.chart .legend{font-size:10px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ddd;padding:4px 10px;text-align:left}td.num{text-align:right}
 th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}.best{font-weight:700;background:#eef7ee}";
 
 /// The whole page.
@@ -108,7 +108,10 @@ pub fn render(pipeline: &str, file: &str, stages: &[StageSection]) -> String {
             html.push_str(&evaluation_table(models));
         }
     }
-    for section in stages.iter().filter(|s| s.status == "cached") {
+    // An evaluate stage's metrics are the table above; it gets a section only for curves.
+    let has_section =
+        |s: &&StageSection| s.status == "cached" && (s.kind != "evaluate" || !s.steps.is_empty());
+    for section in stages.iter().filter(has_section) {
         html.push_str(&stage_html(section));
     }
     html.push_str("</body></html>\n");
@@ -122,7 +125,7 @@ fn overview_table(stages: &[StageSection]) -> String {
     for s in stages {
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
             escape(&s.name),
             escape(&s.kind),
             escape(&s.status),
@@ -150,14 +153,18 @@ pub fn evaluation_table(models: &serde_json::Map<String, Value>) -> String {
     others.sort();
     others.dedup();
     columns.extend(others);
+    // The best value of a column, when the models differ on it (a tie marks nothing).
     let best = |column: &str| -> Option<f64> {
-        let values = models
+        let values: Vec<f64> = models
             .values()
-            .filter_map(|m| m.get(column).and_then(Value::as_f64));
+            .filter_map(|m| m.get(column).and_then(Value::as_f64))
+            .collect();
+        let low = values.iter().copied().reduce(f64::min)?;
+        let high = values.iter().copied().reduce(f64::max)?;
         match column {
-            "n" => None,
-            "perplexity" | "kl" => values.reduce(f64::min),
-            _ => values.reduce(f64::max),
+            _ if low == high || column == "n" => None,
+            "perplexity" | "kl" => Some(low),
+            _ => Some(high),
         }
     };
     let mut html = String::from("<table class=\"evaluation\"><tr><th>model</th>");
@@ -170,17 +177,17 @@ pub fn evaluation_table(models: &serde_json::Map<String, Value>) -> String {
         for column in &columns {
             let value = metrics.get(column);
             let number = value.and_then(Value::as_f64);
-            let class = if number.is_some() && number == best(column) && models.len() > 1 {
-                " class=\"best\""
+            let class = if number.is_some() && number == best(column) {
+                " best"
             } else {
                 ""
             };
             let text = match (number, value) {
                 (Some(n), _) => format_number(n),
-                (None, Some(v)) => escape(&v.to_string()),
+                (None, Some(v)) => value_text(v),
                 (None, None) => "—".into(),
             };
-            let _ = write!(html, "<td{class}>{text}</td>");
+            let _ = write!(html, "<td class=\"num{class}\">{text}</td>");
         }
         html.push_str("</tr>");
     }
@@ -216,11 +223,12 @@ fn stage_html(section: &StageSection) -> String {
         if !scalars.is_empty() && section.kind != "evaluate" {
             html.push_str("<table><tr><th>final metric</th><th>value</th></tr>");
             for (key, value) in scalars {
-                let text = value
-                    .as_f64()
-                    .map(format_number)
-                    .unwrap_or_else(|| escape(&value.to_string()));
-                let _ = write!(html, "<tr><td>{}</td><td>{text}</td></tr>", escape(key));
+                let text = value_text(value);
+                let _ = write!(
+                    html,
+                    "<tr><td>{}</td><td class=\"num\">{text}</td></tr>",
+                    escape(key)
+                );
             }
             html.push_str("</table>\n");
         }
@@ -229,4 +237,57 @@ fn stage_html(section: &StageSection) -> String {
         html.push_str("<p class=\"muted\">no metrics logged</p>");
     }
     html
+}
+
+/// A metric value as table text: numbers compact, strings unquoted, the rest as JSON.
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::Number(n) => n.as_f64().map(format_number).unwrap_or_default(),
+        Value::String(text) => escape(text),
+        other => escape(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn models(value: Value) -> serde_json::Map<String, Value> {
+        value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn evaluation_table_marks_lowest_perplexity_and_highest_accuracy_but_no_ties() {
+        let table = evaluation_table(&models(json!({
+            "base": {"perplexity": 40.0, "accuracy": 0.1, "rouge1": 0.0, "n": 5},
+            "sft": {"perplexity": 9.5, "accuracy": 0.6, "rouge1": 0.0, "n": 5},
+        })));
+        assert!(
+            table.contains(r#"<td class="num best">9.5</td>"#),
+            "{table}"
+        );
+        assert!(table.contains(r#"<td class="num best">0.6</td>"#));
+        assert_eq!(
+            table.matches("best").count(),
+            2,
+            "tied rouge1 and n are not marked: {table}"
+        );
+        let header = table.split("</tr>").next().unwrap();
+        assert!(
+            header.find("rouge1").unwrap() < header.find("perplexity").unwrap(),
+            "fixed column order"
+        );
+    }
+
+    #[test]
+    fn curves_group_points_by_key_and_skip_missing_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(&path, "{\"step\":1,\"loss\":2.0,\"lr\":0.1}\n{\"step\":2,\"loss\":null}\n{\"step\":3,\"loss\":1.0,\"eval_accuracy\":0.5}\n").unwrap();
+        let curves = curves(&read_metrics_jsonl(&path).unwrap());
+        assert_eq!(curves["loss"], vec![(1.0, 2.0), (3.0, 1.0)]);
+        assert_eq!(curves["lr"], vec![(1.0, 0.1)]);
+        assert_eq!(curves["eval_accuracy"], vec![(3.0, 0.5)]);
+    }
 }
