@@ -90,19 +90,19 @@ fn interactive_mode_answers_each_stdin_line_until_eof() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"Q: 1+1=\n\nQ: 9-3=\n")
+        .write_all(b"Q: 1+1=\n\nQ: 9-3=\\nA:\n")
         .unwrap();
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(0));
     let expected = format!(
         "{}\n{}\n",
         greedy(&fixture, "Q: 1+1=", 6),
-        greedy(&fixture, "Q: 9-3=", 6)
+        greedy(&fixture, "Q: 9-3=\nA:", 6)
     );
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         expected,
-        "blank lines are skipped"
+        "blank lines are skipped; `\\n` stands for a newline"
     );
 }
 

@@ -1,6 +1,7 @@
 //! `rlhf generate`: talk to a cached model artifact of a pipeline (a Model, an Adapter
 //! on its cached base, or a RewardModel's LM) through its prompt template, one prompt
-//! from `--prompt` or one per stdin line with `--interactive`.
+//! from `--prompt` or one per stdin line with `--interactive` (where `\n`, `\t` and `\\`
+//! in a line stand for a newline, a tab and a backslash, so multi-line prompts fit on one).
 
 use super::{load, open_cache, print_error, print_run_error};
 use rlhf_engine::run::{exit, Engine};
@@ -70,7 +71,7 @@ pub fn generate(
         if prompt.trim().is_empty() {
             continue;
         }
-        let code = answer(&loaded, prompt, &settings);
+        let code = answer(&loaded, &unescape(prompt), &settings);
         if code != exit::OK {
             return code;
         }
@@ -156,4 +157,27 @@ fn load_stage_model(
         );
         exit::STAGE_FAILED
     })
+}
+
+/// `\n`, `\t` and `\\` in an interactive line become a newline, a tab and a backslash.
+fn unescape(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('\\') => out.push('\\'),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
 }

@@ -414,3 +414,63 @@ fn metrics_that_need_an_input_are_refused_before_running() {
             .is_ok()
     );
 }
+
+#[test]
+fn win_rate_against_a_baseline_outside_models_equals_the_in_list_result() {
+    let Some(fixture) = shared_path("fixtures/tiny-llama") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = model_artifact(&fixture, dir.path());
+    let sft = adapter_artifact(&base, dir.path(), "digest-of-base");
+    let rm = reward_artifact(&fixture, dir.path());
+    let data = dataset(dir.path(), &arithmetic_rows());
+    let lookup = HashMap::from([("digest-of-base".to_string(), base.clone())]);
+    let common = json!({"data": "d", "reward": "rm", "baseline": "base", "metrics": ["reward", "win_rate"], "max_new_tokens": 6, "batch_size": 2});
+    let with = |models: Value| {
+        let mut params = common.clone();
+        params["models"] = models;
+        params
+    };
+    // The baseline evaluated alongside (its rewards reused) ...
+    let (both, _) = run_stage(
+        with(json!(["base", "sft"])),
+        &[
+            ("models.0", &base),
+            ("models.1", &sft),
+            ("data", &data),
+            ("reward", &rm),
+            ("baseline", &base),
+        ],
+        lookup.clone(),
+    )
+    .unwrap();
+    // ... or only as a baseline (generated and judged separately): the same win rate.
+    let (alone, predictions) = run_stage(
+        with(json!(["sft"])),
+        &[
+            ("models.0", &sft),
+            ("data", &data),
+            ("reward", &rm),
+            ("baseline", &base),
+        ],
+        lookup,
+    )
+    .unwrap();
+    assert_eq!(alone["sft"]["win_rate"], both["sft"]["win_rate"]);
+    assert_eq!(alone["sft"]["reward_mean"], both["sft"]["reward_mean"]);
+    assert!(
+        alone.get("base").is_none(),
+        "the baseline is not an evaluated model"
+    );
+    assert_eq!(
+        predictions.lines().count(),
+        5,
+        "predictions only for evaluated models"
+    );
+    let wins = both["sft"]["win_rate"].as_f64().unwrap();
+    assert!(
+        wins > 0.0 && wins < 1.0,
+        "the adapter wins some rows and loses others: {wins}"
+    );
+}
