@@ -16,6 +16,11 @@
 //!   split: { train: 19800, eval: 200 }
 //! ```
 //!
+//! A hub repository often holds several splits as files (`data/train-00000-of-00001.parquet`,
+//! `data/test-…`); `files: "data/train-*"` reads only the matching ones. Folders are read
+//! recursively in sorted path order; files other than .jsonl/.json/.csv/.parquet (and
+//! their .gz forms) are ignored.
+//!
 //! Order of operations: read (up to `limit` rows, in file order) → length `filters` →
 //! `sample` → `split` → order within each split (source order, or a seeded shuffle with
 //! `shuffle: true`). Selection is seeded and stable (see `data::select`).
