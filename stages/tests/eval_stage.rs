@@ -111,7 +111,7 @@ fn model_artifact(fixture: &Path, dir: &Path) -> PathBuf {
     out
 }
 
-/// A LoRA adapter on `base` with random (non-zero) B, so it changes the model.
+/// A LoRA adapter on `base` with fixed non-zero B, so it changes the model.
 fn adapter_artifact(base: &Path, dir: &Path, base_digest: &str) -> PathBuf {
     let out = dir.join("sft");
     let mut model = CausalLm::load(base, DType::F32, &Device::Cpu, Trainability::Frozen).unwrap();
@@ -132,7 +132,11 @@ fn adapter_artifact(base: &Path, dir: &Path, base_digest: &str) -> PathBuf {
         .into_iter()
         .map(|(name, t)| {
             let t = if name.contains("lora_B") {
-                t.randn_like(0.0, 0.5).unwrap()
+                // Fixed pseudo-random values in [-0.5, 0.5): the same adapter every run.
+                let values: Vec<f32> = (0..t.elem_count())
+                    .map(|i| ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5)
+                    .collect();
+                Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap()
             } else {
                 t
             };
@@ -472,5 +476,47 @@ fn win_rate_against_a_baseline_outside_models_equals_the_in_list_result() {
     assert!(
         wins > 0.0 && wins < 1.0,
         "the adapter wins some rows and loses others: {wins}"
+    );
+}
+
+#[test]
+fn template_param_overrides_the_models_template_for_generation() {
+    let Some(fixture) = shared_path("fixtures/tiny-llama") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = model_artifact(&fixture, dir.path());
+    let data = dataset(dir.path(), &arithmetic_rows());
+    let predictions = |template: Option<&str>| {
+        let mut params =
+            json!({"models": ["base"], "data": "d", "metrics": ["rouge"], "max_new_tokens": 5});
+        if let Some(template) = template {
+            params["template"] = json!(template);
+        }
+        let (_, predictions) = run_stage(
+            params,
+            &[("models.0", &base), ("data", &data)],
+            HashMap::new(),
+        )
+        .unwrap();
+        predictions
+    };
+    let own = predictions(None);
+    let plain = predictions(Some("{prompt}"));
+    let other = predictions(Some("Question: {prompt}"));
+    assert_ne!(
+        own, plain,
+        "the artifact's chat template (bos first) is replaced"
+    );
+    assert_ne!(plain, other);
+    assert_eq!(plain, predictions(Some("{prompt}")));
+
+    let params: EvaluateParams = serde_json::from_value(
+        json!({"models": ["base"], "data": "d", "template": "no placeholder"}),
+    )
+    .unwrap();
+    assert_eq!(
+        EvaluateStage::ports(&params).unwrap_err().param.as_deref(),
+        Some("template")
     );
 }

@@ -13,6 +13,7 @@
 //!   max_new_tokens: 64                # generation: greedy unless temperature > 0
 //!   batch_size: 8
 //!   limit: 200                        # the first 200 rows
+//!   template: "{prompt}"              # default: each model's template.json
 //! score:
 //!   kind: evaluate
 //!   predictions: preds.jsonl          # rows {"prediction", "reference", "answer"?}
@@ -30,6 +31,7 @@
 //! byte-identical.
 
 pub mod models;
+pub mod predictions;
 pub mod run;
 pub mod scoring;
 
@@ -142,6 +144,14 @@ pub struct EvaluateParams {
     /// The model whose completions `win_rate` compares against.
     #[serde(default)]
     pub baseline: Option<String>,
+    /// A plain prompt template (with `{prompt}`) for every evaluated model and the
+    /// baseline; default: each model's template.json (its training stage writes one),
+    /// else "User: {prompt}\n\nAssistant: ".
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Prepend bos to prompts; default: the tokenizer's `add_bos_token`.
+    #[serde(default)]
+    pub add_bos: Option<bool>,
     /// Per-token KL estimator: k1 (TRL's default), k3 or mse.
     #[serde(default = "default_kl_estimator")]
     pub kl_estimator: KlEstimator,
@@ -235,7 +245,7 @@ impl Stage for EvaluateStage {
     fn run(params: &EvaluateParams, ctx: &mut StageContext) -> Result<(), StageError> {
         let stage = ctx.stage.clone();
         let result = match params.predictions {
-            Some(_) => run::score_predictions_input(params, ctx),
+            Some(_) => predictions::score_predictions_input(params, ctx),
             None => run::evaluate_models(params, ctx),
         };
         result.map_err(|e| e.into_stage_error(&stage))
@@ -323,6 +333,10 @@ fn check_params(params: &EvaluateParams) -> Result<(), PortsError> {
             Some("max_new_tokens"),
             "must be at least 1",
         ));
+    }
+    if let Some(template) = &params.template {
+        crate::data::PromptTemplate::plain(template)
+            .map_err(|e| PortsError::new(Some("template"), e.to_string()))?;
     }
     if params.batch_size == 0 {
         return Err(PortsError::new(Some("batch_size"), "must be at least 1"));

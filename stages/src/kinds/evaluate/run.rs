@@ -1,143 +1,19 @@
-//! The two modes of the `evaluate` stage, step by step: models on a dataset
-//! (generate, then score), and a predictions file (score only).
+//! The models mode of the `evaluate` stage, step by step: load each model, generate
+//! (when a metric needs it), score, then compare with the baseline.
 
 use super::models::{load_model, load_reward_model, LoadedModel, LoadedRewardModel};
+use super::predictions::{text_metrics, ScoredText, PREDICTIONS_FILE};
 use super::scoring::{completion_nll, generate_completions, sequence_kl, sequence_rewards};
 use super::{EvalError, EvaluateParams, Metric};
 use crate::data::batch::EncodedExample;
+use crate::data::PromptTemplate;
 use crate::data::{read_rows, Message, Row};
-use crate::eval::metrics::exact_match;
-use crate::eval::rouge::rouge_scores;
 use crate::model::GenerationSettings;
 use rlhf_engine::progress::Progress;
 use rlhf_engine::StageContext;
 use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// The file of generated completions written beside metrics.json.
-pub const PREDICTIONS_FILE: &str = "predictions.jsonl";
-
-/// One scored row: the generated text and what it is compared with.
-#[derive(Clone, Debug, Default)]
-pub struct ScoredText {
-    pub prediction: String,
-    pub reference: Option<String>,
-    pub answer: Option<String>,
-}
-
-/// ROUGE (mean F-measure over rows with a reference) and accuracy (over rows with an
-/// answer), as asked for by `metrics`. A metric no row can support is an error.
-pub fn text_metrics(
-    texts: &[ScoredText],
-    metrics: &[Metric],
-    stemmer: bool,
-) -> Result<Map<String, Value>, EvalError> {
-    let mut out = Map::new();
-    if metrics.contains(&Metric::Rouge) {
-        let scored: Vec<_> = texts
-            .iter()
-            .filter_map(|t| {
-                t.reference
-                    .as_deref()
-                    .map(|r| rouge_scores(r, &t.prediction, stemmer))
-            })
-            .collect();
-        if scored.is_empty() {
-            return Err(EvalError::invalid(
-                "metric `rouge` needs reference completions, and no row has one",
-                Some("rows need `completion` (or `messages` ending with an assistant turn)"),
-            ));
-        }
-        let n = scored.len() as f64;
-        out.insert(
-            "rouge1".into(),
-            json!(scored.iter().map(|s| s.rouge1.fmeasure).sum::<f64>() / n),
-        );
-        out.insert(
-            "rouge2".into(),
-            json!(scored.iter().map(|s| s.rouge2.fmeasure).sum::<f64>() / n),
-        );
-        out.insert(
-            "rougeL".into(),
-            json!(scored.iter().map(|s| s.rouge_l.fmeasure).sum::<f64>() / n),
-        );
-    }
-    if metrics.contains(&Metric::Accuracy) {
-        let judged: Vec<bool> = texts
-            .iter()
-            .filter_map(|t| t.answer.as_deref().map(|a| exact_match(&t.prediction, a)))
-            .collect();
-        if judged.is_empty() {
-            return Err(EvalError::invalid(
-                "metric `accuracy` needs gold answers, and no row has an `answer`",
-                Some("drop `accuracy` from `metrics`, or evaluate on rows with `answer`"),
-            ));
-        }
-        let correct = judged.iter().filter(|&&c| c).count();
-        out.insert(
-            "accuracy".into(),
-            json!(correct as f64 / judged.len() as f64),
-        );
-    }
-    out.insert("n".into(), json!(texts.len()));
-    Ok(out)
-}
-
-/// Predictions mode: the `predictions` input is a JSONL file, or a folder holding
-/// `predictions.jsonl`.
-pub fn score_predictions_input(
-    params: &EvaluateParams,
-    ctx: &mut StageContext,
-) -> Result<(), EvalError> {
-    let input = ctx
-        .input("predictions")
-        .map_err(|e| EvalError::invalid(e.to_string(), None))?;
-    let path = if input.path.is_dir() {
-        input.path.join(PREDICTIONS_FILE)
-    } else {
-        input.path.clone()
-    };
-    let mut texts = read_predictions(&path)?;
-    if let Some(limit) = params.limit {
-        texts.truncate(limit);
-    }
-    let mut task = ctx.progress.task("score predictions", texts.len() as u64);
-    let metrics = text_metrics(&texts, &params.metrics, params.stemmer)?;
-    task.inc(texts.len() as u64);
-    task.finish();
-    ctx.metrics.set("predictions", Value::Object(metrics));
-    Ok(())
-}
-
-/// Reads rows with a string `prediction` and optional `reference` and `answer`.
-pub fn read_predictions(path: &Path) -> Result<Vec<ScoredText>, EvalError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| EvalError::invalid(format!("{}: {e}", path.display()), None))?;
-    let mut rows = Vec::new();
-    for (index, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = || format!("{}:{}", path.display(), index + 1);
-        let value: Value = serde_json::from_str(line)
-            .map_err(|e| EvalError::invalid(format!("{}: invalid JSON: {e}", at()), None))?;
-        let field = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_string);
-        let prediction = field("prediction").ok_or_else(|| {
-            EvalError::invalid(
-                format!("{}: no string `prediction`", at()),
-                Some("each line must be {\"prediction\": ..., \"reference\": ...}"),
-            )
-        })?;
-        rows.push(ScoredText {
-            prediction,
-            reference: field("reference"),
-            answer: field("answer"),
-        });
-    }
-    Ok(rows)
-}
 
 /// The reference completion of a row: `completion`, or the last assistant turn.
 fn reference_completion(row: &Row) -> Option<String> {
@@ -206,7 +82,11 @@ pub fn evaluate_models(params: &EvaluateParams, ctx: &mut StageContext) -> Resul
     let seed = params.seed.unwrap_or(ctx.seed);
     let mut runs = Vec::new();
     for (index, name) in params.models.iter().enumerate() {
-        let loaded = load_model(&input_path(ctx, &format!("models.{index}"))?, &lookup)?;
+        let loaded = load_evaluated(
+            &input_path(ctx, &format!("models.{index}"))?,
+            &lookup,
+            params,
+        )?;
         let run = evaluate_one(
             name,
             &loaded,
@@ -236,6 +116,22 @@ pub fn evaluate_models(params: &EvaluateParams, ctx: &mut StageContext) -> Resul
         ctx.metrics.set(&run.name, Value::Object(run.metrics));
     }
     Ok(())
+}
+
+/// A model to generate with, with the stage's `template` and `add_bos` applied.
+fn load_evaluated(
+    path: &Path,
+    lookup: super::models::DigestLookup,
+    params: &EvaluateParams,
+) -> Result<LoadedModel, EvalError> {
+    let mut loaded = load_model(path, lookup)?;
+    if let Some(template) = &params.template {
+        loaded.renderer = PromptTemplate::plain(template)?.renderer()?;
+    }
+    if let Some(add_bos) = params.add_bos {
+        loaded.add_bos = add_bos;
+    }
+    Ok(loaded)
 }
 
 fn input_path(ctx: &StageContext, name: &str) -> Result<PathBuf, EvalError> {
@@ -458,7 +354,7 @@ fn add_win_rates(
     let baseline_rewards = match runs.iter().find(|r| &r.name == baseline_name) {
         Some(run) => run.rewards.clone().unwrap_or_default(),
         None => {
-            let loaded = load_model(&input_path(ctx, "baseline")?, lookup)?;
+            let loaded = load_evaluated(&input_path(ctx, "baseline")?, lookup, params)?;
             let (_, generated) =
                 generate_rows(baseline_name, &loaded, rows, params, seed, progress)?;
             let completions = generated
