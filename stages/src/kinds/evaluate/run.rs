@@ -106,8 +106,7 @@ pub fn evaluate_models(params: &EvaluateParams, ctx: &mut StageContext) -> Resul
             params,
             seed,
             reward_model.as_ref(),
-            &lookup,
-            ctx,
+            &|| load_evaluated(&input_path(ctx, "baseline")?, &lookup, params),
             &progress,
         )?;
     }
@@ -159,10 +158,16 @@ fn evaluate_one(
         );
     }
     let generating = params.metrics.iter().any(|m| m.needs_generation());
-    let (prompts, generated) = if generating {
+    let Generated {
+        prompts,
+        completions: generated,
+    } = if generating {
         generate_rows(name, loaded, rows, params, seed, progress)?
     } else {
-        (Vec::new(), Vec::new())
+        Generated {
+            prompts: Vec::new(),
+            completions: Vec::new(),
+        }
     };
     let completions = generated
         .iter()
@@ -270,6 +275,11 @@ fn reference_perplexity(
 }
 
 /// Prompt ids and generated ids of every row.
+struct Generated {
+    prompts: Vec<Vec<u32>>,
+    completions: Vec<Vec<u32>>,
+}
+
 fn generate_rows(
     name: &str,
     loaded: &LoadedModel,
@@ -277,7 +287,7 @@ fn generate_rows(
     params: &EvaluateParams,
     seed: u64,
     progress: &Progress,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>), EvalError> {
+) -> Result<Generated, EvalError> {
     let encoder = loaded.encoder();
     let prompts = rows
         .iter()
@@ -288,7 +298,10 @@ fn generate_rows(
     let generated =
         generate_completions(loaded, &prompts, &settings, params.batch_size, &mut task)?;
     task.finish();
-    Ok((prompts, generated))
+    Ok(Generated {
+        prompts,
+        completions: generated,
+    })
 }
 
 /// The generation settings of the stage's params for one model.
@@ -344,8 +357,7 @@ fn add_win_rates(
     params: &EvaluateParams,
     seed: u64,
     reward_model: Option<&LoadedRewardModel>,
-    lookup: super::models::DigestLookup,
-    ctx: &StageContext,
+    load_baseline: &dyn Fn() -> Result<LoadedModel, EvalError>,
     progress: &Progress,
 ) -> Result<(), EvalError> {
     let (Some(baseline_name), Some(reward_model)) = (&params.baseline, reward_model) else {
@@ -354,10 +366,10 @@ fn add_win_rates(
     let baseline_rewards = match runs.iter().find(|r| &r.name == baseline_name) {
         Some(run) => run.rewards.clone().unwrap_or_default(),
         None => {
-            let loaded = load_evaluated(&input_path(ctx, "baseline")?, lookup, params)?;
-            let (_, generated) =
-                generate_rows(baseline_name, &loaded, rows, params, seed, progress)?;
+            let loaded = load_baseline()?;
+            let generated = generate_rows(baseline_name, &loaded, rows, params, seed, progress)?;
             let completions = generated
+                .completions
                 .iter()
                 .map(|ids| loaded.decode(ids))
                 .collect::<Result<Vec<_>, _>>()?;
