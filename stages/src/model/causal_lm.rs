@@ -2,7 +2,8 @@
 //! position of a right-padded batch and keeps no state between calls; a separate
 //! cached path (used only by generation) carries an explicit per-layer KV cache.
 
-use super::layers::{DecoderLayer, DropoutRng, LayerCache, RmsNorm};
+use super::kv_cache::LayerCache;
+use super::layers::{Attend, DecoderLayer, DropoutRng, RmsNorm};
 use super::lora::LoraConfig;
 use super::rope::Rope;
 use super::weights::{load_safetensors, WeightSource};
@@ -192,7 +193,7 @@ impl CausalLm {
             }
         };
         let mask = attention_bias(attention_mask, batch, time, 0, self.dtype(), self.device())?;
-        self.run_layers(input_ids, position_ids, &mask, None, rng)
+        self.run_layers(input_ids, position_ids, Some(&mask), None, rng)
     }
 
     /// Logits (…, vocab) in f32 from hidden states (…, hidden).
@@ -207,14 +208,15 @@ impl CausalLm {
         Ok(logits.reshape(out_dims)?.to_dtype(DType::F32)?)
     }
 
-    /// Embeds, runs every layer (appending to `caches` when given) and applies the
-    /// final norm. `mask` is additive, (b or 1, 1, t, s).
+    /// Embeds, runs every layer and applies the final norm. Without `cached`, `mask` is
+    /// the additive (b or 1, 1, t, t) mask; with it, attention reads and extends the
+    /// generation cache of each layer under the per-row key mask (`mask` is unused).
     pub(crate) fn run_layers(
         &self,
         input_ids: &Tensor,
         position_ids: &Tensor,
-        mask: &Tensor,
-        mut caches: Option<&mut Vec<LayerCache>>,
+        mask: Option<&Tensor>,
+        mut cached: Option<(&mut [LayerCache], &[Vec<f32>])>,
         rng: DropoutRng,
     ) -> Result<Tensor> {
         let (batch, time) = input_ids.dims2()?;
@@ -226,8 +228,19 @@ impl CausalLm {
         ))?; // (b, t, d)
         let rope = self.rope.tables(position_ids, self.dtype())?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let cache = caches.as_deref_mut().and_then(|c| c.get_mut(i));
-            x = layer.forward(&x, &rope, mask, cache, rng)?;
+            let attend = match (&mut cached, mask) {
+                (Some((caches, key_mask)), _) => Attend::Cached {
+                    cache: &mut caches[i],
+                    key_mask,
+                },
+                (None, Some(mask)) => Attend::Bias(mask),
+                (None, None) => {
+                    return Err(ModelError::Invalid(
+                        "run_layers needs a mask or a cache".into(),
+                    ))
+                }
+            };
+            x = layer.forward(&x, &rope, attend, rng)?;
         }
         self.norm.forward(&x)
     }

@@ -6,8 +6,8 @@
 //! that finish (EOS, a stop string) are dropped from the batch and the cache.
 //! Sampling: greedy, or temperature with top-k / top-p, seeded with ChaCha8.
 
-use super::causal_lm::{attention_bias, CausalLm};
-use super::layers::LayerCache;
+use super::causal_lm::CausalLm;
+use super::kv_cache::LayerCache;
 use super::tokenizer::ModelTokenizer;
 use super::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -177,10 +177,14 @@ impl DecodeState {
         let rows = prompts.len();
         let ids = Tensor::from_vec(ids, (rows, width), device)?;
         let positions = Tensor::from_vec(positions, (rows, width), device)?;
-        let mask = mask_tensor(&key_mask, device)?;
-        let bias = attention_bias(Some(&mask), rows, width, 0, model.dtype(), device)?;
         let mut caches = vec![LayerCache::default(); model.layers.len()];
-        let hidden = model.run_layers(&ids, &positions, &bias, Some(&mut caches), &mut None)?; // (b, t, d)
+        let hidden = model.run_layers(
+            &ids,
+            &positions,
+            None,
+            Some((&mut caches, &key_mask)),
+            &mut None,
+        )?; // (b, t, d)
         let logits = model.logits(&hidden.narrow(1, width - 1, 1)?.squeeze(1)?)?; // (b, vocab)
         Ok(DecodeState {
             active: (0..rows).collect(),
@@ -199,13 +203,8 @@ impl DecodeState {
         let keep: Vec<usize> = (0..self.active.len())
             .filter(|s| !finished.contains(s))
             .collect();
-        let keep_index = Tensor::from_vec(
-            keep.iter().map(|&s| s as u32).collect::<Vec<_>>(),
-            keep.len(),
-            self.logits.device(),
-        )?;
         for cache in self.caches.iter_mut() {
-            cache.select_rows(&keep_index)?;
+            cache.select_rows(&keep);
         }
         self.active = keep.iter().map(|&s| self.active[s]).collect();
         self.lengths = keep.iter().map(|&s| self.lengths[s]).collect();
@@ -218,29 +217,22 @@ impl DecodeState {
     fn step(&mut self, model: &CausalLm, next: &[u32]) -> Result<()> {
         let device = model.device();
         let slots = next.len();
-        let past = self.key_mask.first().map(Vec::len).unwrap_or(0);
         for row in self.key_mask.iter_mut() {
             row.push(1.0);
         }
         let ids = Tensor::from_vec(next.to_vec(), (slots, 1), device)?;
         let positions = Tensor::from_vec(self.lengths.clone(), (slots, 1), device)?;
         self.lengths.iter_mut().for_each(|l| *l += 1);
-        let mask = mask_tensor(&self.key_mask, device)?;
-        let bias = attention_bias(Some(&mask), slots, 1, past, model.dtype(), device)?;
-        let hidden =
-            model.run_layers(&ids, &positions, &bias, Some(&mut self.caches), &mut None)?; // (b, 1, d)
+        let hidden = model.run_layers(
+            &ids,
+            &positions,
+            None,
+            Some((&mut self.caches, &self.key_mask)),
+            &mut None,
+        )?; // (b, 1, d)
         self.logits = model.logits(&hidden.squeeze(1)?)?; // (b, vocab)
         Ok(())
     }
-}
-
-fn mask_tensor(rows: &[Vec<f32>], device: &Device) -> Result<Tensor> {
-    let width = rows.first().map(Vec::len).unwrap_or(0);
-    Ok(Tensor::from_vec(
-        rows.concat(),
-        (rows.len(), width),
-        device,
-    )?)
 }
 
 /// log-softmax in f64 for accuracy.

@@ -2,6 +2,7 @@
 //! projections (optionally carrying a LoRA adapter), RMSNorm, grouped-query attention
 //! with an optional KV cache, the SiLU-gated MLP and the decoder layer.
 
+use super::kv_cache::LayerCache;
 use super::lora::LoraAdapter;
 use super::rope::{apply_rope, RopeTables};
 use super::weights::WeightSource;
@@ -89,38 +90,15 @@ impl RmsNorm {
     }
 }
 
-/// Keys and values of earlier positions for one layer, (b, kv_heads, s, head_dim).
-#[derive(Clone, Debug, Default)]
-pub struct LayerCache {
-    pub keys: Option<Tensor>,
-    pub values: Option<Tensor>,
-}
-
-impl LayerCache {
-    fn append(&mut self, keys: Tensor, values: Tensor) -> Result<(Tensor, Tensor)> {
-        let keys = match &self.keys {
-            Some(past) => Tensor::cat(&[past, &keys], 2)?,
-            None => keys,
-        };
-        let values = match &self.values {
-            Some(past) => Tensor::cat(&[past, &values], 2)?,
-            None => values,
-        };
-        self.keys = Some(keys.clone());
-        self.values = Some(values.clone());
-        Ok((keys, values))
-    }
-
-    /// Keeps only the batch rows in `rows` (drops finished sequences).
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        if let Some(k) = &self.keys {
-            self.keys = Some(k.index_select(rows, 0)?);
-        }
-        if let Some(v) = &self.values {
-            self.values = Some(v.index_select(rows, 0)?);
-        }
-        Ok(())
-    }
+/// How attention sees the keys: an additive mask over this call's own keys (training,
+/// scoring), or the generation cache with a per-row key mask.
+pub enum Attend<'a> {
+    /// (b or 1, 1, t, t), added to the scores.
+    Bias(&'a Tensor),
+    Cached {
+        cache: &'a mut LayerCache,
+        key_mask: &'a [Vec<f32>],
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -178,14 +156,12 @@ impl Attention {
         })
     }
 
-    /// x (b, t, hidden); `mask` additive, (b or 1, 1, t, s) where s counts cached
-    /// positions plus these t. Returns (b, t, hidden).
+    /// x (b, t, hidden) → (b, t, hidden).
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        mask: &Tensor,
-        cache: Option<&mut LayerCache>,
+        attend: Attend,
         rng: DropoutRng,
     ) -> Result<Tensor> {
         let (batch, time, _) = x.dims3()?;
@@ -198,9 +174,15 @@ impl Attention {
         let q = apply_rope(&split(self.q_proj.forward(x, rng)?, heads)?, rope)?; // (b, h, t, d)
         let k = apply_rope(&split(self.k_proj.forward(x, rng)?, kv_heads)?, rope)?; // (b, kvh, t, d)
         let v = split(self.v_proj.forward(x, rng)?, kv_heads)?; // (b, kvh, t, d)
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v)?,
-            None => (k, v),
+        let mask = match attend {
+            Attend::Bias(mask) => mask,
+            Attend::Cached { cache, key_mask } => {
+                cache.append(&k, &v)?;
+                let context = cache
+                    .attend(&q, key_mask, x.device())?
+                    .to_dtype(x.dtype())?; // (b, t, h*d)
+                return self.o_proj.forward(&context, rng);
+            }
         };
         let keys_len = k.dim(2)?;
         // Grouped-query attention without copying k/v: query head h uses kv head
@@ -284,13 +266,12 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        mask: &Tensor,
-        cache: Option<&mut LayerCache>,
+        attend: Attend,
         rng: DropoutRng,
     ) -> Result<Tensor> {
         let attended =
             self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, rope, mask, cache, rng)?;
+                .forward(&self.input_layernorm.forward(x)?, rope, attend, rng)?;
         let x = (x + attended)?;
         let mixed = self
             .mlp

@@ -17,6 +17,7 @@ pub mod config;
 pub mod folder;
 pub mod generate;
 pub mod heads;
+pub mod kv_cache;
 pub mod layers;
 pub mod logprobs;
 pub mod lora;
