@@ -16,13 +16,48 @@ use rlhf_engine::StageError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 /// One line of metrics.jsonl: the step and its named values.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MetricLine {
     pub step: u64,
     pub values: Vec<(String, f64)>,
+}
+
+/// A [`MetricLine`] as stored in state.json: values as their f64 bit patterns, because
+/// serde_json's default float parsing is not exact and a replayed line must be
+/// byte-identical to the one an uninterrupted run writes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredLine {
+    pub step: u64,
+    pub values: Vec<(String, u64)>,
+}
+
+impl From<&MetricLine> for StoredLine {
+    fn from(line: &MetricLine) -> Self {
+        StoredLine {
+            step: line.step,
+            values: line
+                .values
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_bits()))
+                .collect(),
+        }
+    }
+}
+
+impl From<&StoredLine> for MetricLine {
+    fn from(line: &StoredLine) -> Self {
+        MetricLine {
+            step: line.step,
+            values: line
+                .values
+                .iter()
+                .map(|(k, v)| (k.clone(), f64::from_bits(*v)))
+                .collect(),
+        }
+    }
 }
 
 /// What `state.json` records besides the tensors.
@@ -33,7 +68,14 @@ pub struct CheckpointState {
     pub step: usize,
     /// Total steps of the run, to refuse a checkpoint of a differently sized run.
     pub total_steps: usize,
-    pub history: Vec<MetricLine>,
+    pub history: Vec<StoredLine>,
+}
+
+impl CheckpointState {
+    /// The metric lines logged up to this checkpoint.
+    pub fn metric_lines(&self) -> Vec<MetricLine> {
+        self.history.iter().map(MetricLine::from).collect()
+    }
 }
 
 fn checkpoints_dir(scratch: &Path) -> PathBuf {
@@ -131,6 +173,6 @@ pub fn new_state(step: usize, total_steps: usize, history: &[MetricLine]) -> Che
         format_version: FORMAT_VERSION,
         step,
         total_steps,
-        history: history.to_vec(),
+        history: history.iter().map(StoredLine::from).collect(),
     }
 }

@@ -131,12 +131,16 @@ pub fn run_training(
     if let Some(state) = load_latest_checkpoint(&ctx.scratch, varmap, &mut optimizer, total_steps)?
     {
         start = state.step;
-        history = state.history;
+        history = state.metric_lines();
         for line in &history {
             log_line(ctx, line)?;
         }
         summary.resumed_from_step = start;
         tracing::info!(stage = %ctx.stage, step = start, "resumed from checkpoint");
+        eprintln!(
+            "{}: resumed at step {start} of {total_steps} from a checkpoint",
+            ctx.stage
+        );
     } else {
         record(ctx, &mut history, 0, eval_values(evaluate(0)?))?;
     }
