@@ -34,7 +34,11 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
                 .iter()
                 .copied()
                 .filter(|(x, y)| x.is_finite() && y.is_finite())
-                .collect(),
+                .collect::<Vec<_>>(),
+        })
+        .map(|s| Series {
+            points: thin(&s.points),
+            label: s.label,
         })
         .collect();
     let all: Vec<(f64, f64)> = series
@@ -141,6 +145,24 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
     svg
 }
 
+/// Most vertices a polyline gets: a long run is thinned to every k-th point (the last
+/// always kept), which keeps the page small and looks the same at chart size.
+pub const MAX_VERTICES: usize = 1500;
+
+fn thin(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    if points.len() <= MAX_VERTICES {
+        return points.to_vec();
+    }
+    let stride = points.len().div_ceil(MAX_VERTICES - 1);
+    let mut kept: Vec<(f64, f64)> = points.iter().copied().step_by(stride).collect();
+    if let (Some(last), Some(kept_last)) = (points.last(), kept.last()) {
+        if last != kept_last {
+            kept.push(*last);
+        }
+    }
+    kept
+}
+
 /// Round tick values covering the data, and the axis range they span.
 fn axis(values: impl Iterator<Item = f64>) -> (Vec<f64>, (f64, f64)) {
     let (mut low, mut high) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
@@ -227,6 +249,20 @@ mod tests {
             .next()
             .unwrap();
         assert_eq!(points.split(' ').count(), 3);
+    }
+
+    #[test]
+    fn long_runs_are_thinned_keeping_the_first_and_last_points() {
+        let points: Vec<(f64, f64)> = (0..100_000).map(|i| (i as f64, (i % 7) as f64)).collect();
+        let kept = thin(&points);
+        assert!(kept.len() <= MAX_VERTICES, "{}", kept.len());
+        assert_eq!(kept.first(), points.first());
+        assert_eq!(kept.last(), points.last());
+        assert_eq!(
+            thin(&points[..10]),
+            points[..10].to_vec(),
+            "short runs are untouched"
+        );
     }
 
     #[test]
