@@ -266,3 +266,55 @@ fn verify_passes_a_deterministic_pipeline() {
     verify.assert_code(0);
     assert_eq!(verify.with_status("verified"), names(&["a", "b", "c", "d", "e"]));
 }
+
+#[test]
+fn editing_a_file_inside_an_external_folder_reruns_its_consumers() {
+    let project = Project::new();
+    project.write("data/one.txt", "1\n");
+    project.write("data/two.txt", "2\n");
+    project.write(
+        "p.yaml",
+        &pipeline(&[stage(
+            "a",
+            "cat {inputs.d}/one.txt {inputs.d}/two.txt > {out}/f.txt",
+            "{ d: data }",
+            "{}",
+        )]),
+    );
+    project.run(&[]).assert_code(0);
+    assert_eq!(project.run(&[]).with_status("cached"), names(&["a"]));
+
+    project.write("data/two.txt", "3\n");
+    assert_eq!(
+        project.run(&[]).with_status("ran"),
+        names(&["a"]),
+        "a changed file inside the folder"
+    );
+    project.write("data/three.txt", "\n");
+    assert_eq!(project.run(&[]).with_status("ran"), names(&["a"]), "a file added to the folder");
+    std::fs::rename(project.path("data/three.txt"), project.path("data/four.txt")).unwrap();
+    assert_eq!(
+        project.run(&[]).with_status("ran"),
+        names(&["a"]),
+        "a file renamed inside the folder"
+    );
+}
+
+#[test]
+fn after_orders_stages_without_entering_keys() {
+    // `b` waits for `a` without reading it: it runs after `a`, and adding or removing
+    // the `after:` edge does not rerun it.
+    let project = Project::new();
+    let b = stage("b", "cat stamp > {out}/f.txt", "{}", "{}").replace("    outputs:", "    after: [a]\n    outputs:");
+    project.write(
+        "p.yaml",
+        &pipeline(&[b.clone(), stage("a", "echo from-a > stamp; echo a > {out}/f.txt", "{}", "{}")]),
+    );
+    let first = project.run(&[]);
+    first.assert_code(0);
+    assert_eq!(project.executions(), ["a", "b"], "`after:` puts a before b");
+    assert_eq!(std::fs::read_to_string(first.output_dir("b").join("f.txt")).unwrap(), "from-a\n");
+
+    project.write("p.yaml", &project.read("p.yaml").replace("    after: [a]\n", ""));
+    assert_eq!(project.run(&[]).with_status("cached"), names(&["a", "b"]));
+}
