@@ -161,6 +161,7 @@ fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
     let name = name.split([' ', '{', '(']).next().unwrap_or_default().to_string();
     match breach {
         B::Depth { .. } => too_deep(),
+        B::Documents { .. } => "a pipeline file is one YAML document; this one has another after `---`".to_string(),
         _ if name.contains("Alias") || name.contains("Anchor") => {
             "refused: YAML aliases expand to too many values (a \"billion laughs\" file?)".to_string()
         }

@@ -179,3 +179,9 @@ fn huge_file_is_refused_before_parsing() {
     let text = format!("stages: {{}}\n# {}\n", "x".repeat(10 * 1024 * 1024));
     assert!(error(&text, &[]).contains("pipeline files are limited to 4194304 bytes"));
 }
+
+#[test]
+fn second_yaml_document_is_refused() {
+    let text = "stages:\n  a: { kind: shell, run: [x], outputs: [o] }\n---\nstages: {}\n";
+    assert_eq!(error(text, &[]), "pipeline.yaml:3:1: a pipeline file is one YAML document; this one has another after `---`");
+}
