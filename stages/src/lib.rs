@@ -15,6 +15,7 @@ pub mod hub;
 pub mod kinds;
 pub mod model;
 pub mod report;
+pub mod rl;
 pub mod testing;
 pub mod train;
 

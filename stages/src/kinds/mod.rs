@@ -1,8 +1,10 @@
 //! One module per stage kind.
 
+pub mod collect_preferences;
 pub mod command;
 pub mod dataset;
 pub mod evaluate;
+pub mod grpo;
 pub mod load_pretrained;
 pub mod dpo;
 pub mod pretrain;
@@ -15,9 +17,11 @@ use rlhf_engine::Registry;
 
 /// Registers every stage kind of this crate.
 pub fn register_all(registry: &mut Registry) {
+    registry.register::<collect_preferences::CollectPreferencesStage>();
     registry.register::<command::CommandStage>();
     registry.register::<dataset::DatasetStage>();
     registry.register::<evaluate::EvaluateStage>();
+    registry.register::<grpo::GrpoStage>();
     registry.register::<load_pretrained::LoadPretrainedStage>();
     registry.register::<dpo::DpoStage>();
     registry.register::<pretrain::PretrainStage>();

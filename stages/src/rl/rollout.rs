@@ -1,0 +1,257 @@
+//! Rollouts: completions sampled from the policy with the KV-cache generator, and the
+//! right-padded prompt+completion batches every RL loss is computed on.
+//!
+//! Layout of a [`SequenceBatch`]: row `i` is `prompt_i ++ completion_i`, right-padded to
+//! `t`; per-token tensors are *shifted*, `(b, t-1)`, column `j` scoring token `j+1`
+//! (logits `[:, :-1]` against ids `[:, 1:]`), and `response_mask` is 1 where token `j+1`
+//! is a completion token. Keeping the prompt columns (masked) instead of gathering the
+//! completions into their own tensor costs a few logits and keeps everything a plain
+//! masked mean; GAE's mask factor keeps the prompt columns at zero.
+
+use crate::data::batch::{collate_examples, EncodedExample};
+use crate::model::generate::FinishReason;
+use crate::model::{
+    generate, token_entropy, token_logprobs, CausalLm, GenerationSettings, ScalarHead,
+};
+use crate::train::StageResultExt;
+use candle_core::{Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+use rlhf_engine::StageError;
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Completions of a step: `group` per prompt, completions of one prompt adjacent.
+#[derive(Clone, Debug)]
+pub struct Rollouts {
+    /// Index (into the prompt rows) of each completion's prompt.
+    pub row_index: Vec<usize>,
+    pub prompts: Vec<Vec<u32>>,
+    /// New tokens of each completion (the EOS that ended it included).
+    pub completions: Vec<Vec<u32>>,
+    /// Whether each completion ended with EOS.
+    pub has_eos: Vec<bool>,
+    /// Decoded completions, special tokens skipped.
+    pub texts: Vec<String>,
+    /// Wall-clock seconds spent generating (never in artifacts).
+    pub seconds: f64,
+}
+
+impl Rollouts {
+    pub fn len(&self) -> usize {
+        self.completions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.completions.is_empty()
+    }
+
+    /// Generated tokens in total.
+    pub fn generated_tokens(&self) -> usize {
+        self.completions.iter().map(Vec::len).sum()
+    }
+
+    /// prompt ++ completion of every rollout, for a reward model.
+    pub fn full_sequences(&self) -> Vec<Vec<u32>> {
+        self.prompts
+            .iter()
+            .zip(&self.completions)
+            .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
+            .collect()
+    }
+
+    pub fn mean_length(&self) -> f64 {
+        self.generated_tokens() as f64 / self.len().max(1) as f64
+    }
+}
+
+/// Samples `group` completions of each of `prompts` (token ids; `row_index` says which
+/// row each came from) in one generation batch.
+pub fn sample_rollouts(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    row_index: &[usize],
+    group: usize,
+    settings: &GenerationSettings,
+    tokenizer: &Tokenizer,
+) -> Result<Rollouts, StageError> {
+    let started = Instant::now();
+    let mut repeated = Vec::with_capacity(prompts.len() * group);
+    let mut rows = Vec::with_capacity(prompts.len() * group);
+    for (prompt, &row) in prompts.iter().zip(row_index) {
+        for _ in 0..group {
+            repeated.push(prompt.clone());
+            rows.push(row);
+        }
+    }
+    let output = generate(model, &repeated, settings, None).or_fail("sampling completions")?;
+    let texts = output
+        .tokens
+        .iter()
+        .map(|tokens| tokenizer.decode(tokens, true))
+        .collect::<Result<Vec<_>, _>>()
+        .or_fail("decoding completions")?;
+    Ok(Rollouts {
+        row_index: rows,
+        prompts: repeated,
+        has_eos: output
+            .finish_reasons
+            .iter()
+            .map(|r| *r == FinishReason::Eos)
+            .collect(),
+        completions: output.tokens,
+        texts,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A right-padded batch of prompt+completion rows (see the module docs for the layout).
+#[derive(Clone, Debug)]
+pub struct SequenceBatch {
+    /// (b, t) u32
+    pub input_ids: Tensor,
+    /// (b, t) f32, 1 on real tokens
+    pub attention_mask: Tensor,
+    /// (b, t-1) f32, 1 where token j+1 is a completion token
+    pub response_mask: Tensor,
+}
+
+impl SequenceBatch {
+    /// Builds the batch of `rollouts`' rows `indices` (all rows when `None`).
+    pub fn new(rollouts: &Rollouts, pad: u32) -> Result<Self, StageError> {
+        let examples: Vec<EncodedExample> = rollouts
+            .prompts
+            .iter()
+            .zip(&rollouts.completions)
+            .map(|(prompt, completion)| EncodedExample {
+                prompt: prompt.clone(),
+                completion: completion.clone(),
+            })
+            .collect();
+        let refs: Vec<&EncodedExample> = examples.iter().collect();
+        let batch = collate_examples(&refs, pad);
+        let device = Device::Cpu;
+        let time = batch.seq_len;
+        let input_ids = batch.input_ids_tensor(&device).or_fail("batch")?;
+        let attention_mask = batch.attention_mask_tensor(&device).or_fail("batch")?;
+        let response_mask = batch
+            .loss_mask_tensor(&device)
+            .and_then(|m| m.narrow(1, 1, time - 1)?.contiguous())
+            .or_fail("batch")?;
+        Ok(SequenceBatch {
+            input_ids,
+            attention_mask,
+            response_mask,
+        })
+    }
+
+    /// The rows `indices` of this batch (same width).
+    pub fn select(&self, indices: &Tensor) -> Result<Self, StageError> {
+        let pick = |t: &Tensor| {
+            t.contiguous()
+                .and_then(|t| t.index_select(indices, 0))
+                .or_fail("selecting a minibatch")
+        };
+        Ok(SequenceBatch {
+            input_ids: pick(&self.input_ids)?,
+            attention_mask: pick(&self.attention_mask)?,
+            response_mask: pick(&self.response_mask)?,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.input_ids.dims()[0]
+    }
+}
+
+/// Per-token quantities of a forward pass over a [`SequenceBatch`], all (b, t-1).
+pub struct TokenStats {
+    /// log π(token j+1 | ..j) under logits / temperature; differentiable.
+    pub logprobs: Tensor,
+    /// Entropy of the same distributions; differentiable.
+    pub entropy: Tensor,
+    /// V(state before token j+1) from the value head, when one is given.
+    pub values: Option<Tensor>,
+}
+
+/// Runs `model` on `batch`: log-probs (at `temperature`, as sampled), entropies and
+/// optionally a value head on the same hidden states. `rng` turns LoRA dropout on.
+pub fn token_stats(
+    model: &CausalLm,
+    batch: &SequenceBatch,
+    temperature: f64,
+    value_head: Option<&ScalarHead>,
+    rng: Option<&mut ChaCha8Rng>,
+) -> Result<TokenStats, StageError> {
+    let time = batch.input_ids.dims()[1];
+    let mut rng = rng;
+    let hidden = model
+        .hidden_states_with(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            None,
+            &mut rng,
+        )
+        .or_fail("policy forward pass")?; // (b, t, d)
+    let mut logits = model.logits(&hidden).or_fail("policy forward pass")?; // (b, t, v)
+    if temperature > 0.0 && temperature != 1.0 {
+        logits = logits
+            .affine(1.0 / temperature, 0.0)
+            .or_fail("temperature")?;
+    }
+    let predicting = logits.narrow(1, 0, time - 1).or_fail("shift")?; // (b, t-1, v)
+    let targets = batch.input_ids.narrow(1, 1, time - 1).or_fail("shift")?; // (b, t-1)
+    let logprobs = token_logprobs(&predicting, &targets).or_fail("token log-probs")?;
+    let entropy = token_entropy(&predicting).or_fail("token entropy")?;
+    let values = match value_head {
+        Some(head) => Some(
+            head.values(&hidden)
+                .and_then(|v| Ok(v.narrow(1, 0, time - 1)?))
+                .or_fail("value head")?,
+        ), // (b, t-1)
+        None => None,
+    };
+    Ok(TokenStats {
+        logprobs,
+        entropy,
+        values,
+    })
+}
+
+/// Per-token log-probs of a frozen model (reference, or the policy before an update),
+/// computed without a graph in chunks of `chunk` rows.
+pub fn frozen_logprobs(
+    model: &CausalLm,
+    batch: &SequenceBatch,
+    temperature: f64,
+    value_head: Option<&ScalarHead>,
+    chunk: usize,
+) -> Result<(Tensor, Option<Tensor>), StageError> {
+    let rows = batch.rows();
+    let (mut logprobs, mut values) = (Vec::new(), Vec::new());
+    for start in (0..rows).step_by(chunk.max(1)) {
+        let length = chunk.min(rows - start);
+        let part = SequenceBatch {
+            input_ids: batch.input_ids.narrow(0, start, length).or_fail("chunk")?,
+            attention_mask: batch
+                .attention_mask
+                .narrow(0, start, length)
+                .or_fail("chunk")?,
+            response_mask: batch
+                .response_mask
+                .narrow(0, start, length)
+                .or_fail("chunk")?,
+        };
+        let stats = token_stats(model, &part, temperature, value_head, None)?;
+        logprobs.push(stats.logprobs.detach());
+        if let Some(v) = stats.values {
+            values.push(v.detach());
+        }
+    }
+    let logprobs = Tensor::cat(&logprobs, 0).or_fail("concatenating log-probs")?;
+    let values = if values.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&values, 0).or_fail("concatenating values")?)
+    };
+    Ok((logprobs, values))
+}
