@@ -390,3 +390,96 @@ fn grpo_needs_a_reward_source() {
         "{error}"
     );
 }
+
+/// A reward model from one step of the reward_model stage on the tiny model.
+fn tiny_reward_model(ws: &mut Workspace) -> PathBuf {
+    let params = json!({ "model": "base", "data": "prefs", "template": "{prompt}", "max_steps": 1, "batch_size": 4 });
+    let inputs = vec![
+        ("model", ws.base(), ArtifactKind::Model),
+        ("data", ws.data("prefs"), ArtifactKind::Dataset),
+    ];
+    ws.run("reward_model", params, &inputs, "rm", "rm").unwrap()
+}
+
+fn ppo_params(steps: usize, epochs: usize) -> Value {
+    json!({ "policy": "base", "prompts": "prompts", "eval": "eval", "template": "{prompt}",
+            "reward_model": "rm", "steps": steps, "rollouts_per_step": 6, "max_new_tokens": 5,
+            "ppo_epochs": epochs, "mini_batches": 2, "missing_eos_penalty": 1.0, "score_clip": 5.0,
+            "lora": { "r": 4, "alpha": 8 }, "learning_rate": 1e-2, "checkpoint_every": 1 })
+}
+
+fn ppo_inputs(ws: &Workspace, rm: PathBuf) -> Vec<(&'static str, PathBuf, ArtifactKind)> {
+    let mut inputs = grpo_inputs(ws);
+    inputs.push(("reward_model", rm, ArtifactKind::RewardModel));
+    inputs
+}
+
+#[test]
+fn ppo_first_update_is_on_policy_with_no_kl_and_no_clipping() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let rm = tiny_reward_model(&mut ws);
+    let mut params = ppo_params(2, 1);
+    params["mini_batches"] = json!(1);
+    let out = ws
+        .run("ppo", params, &ppo_inputs(&ws, rm), "p", "p")
+        .unwrap();
+    let lines = metric_lines(&out);
+    let step1 = lines
+        .iter()
+        .find(|l| l["step"] == 1 && l.get("reward").is_some())
+        .unwrap();
+    // Before the first update the policy (LoRA B = 0) is the reference and the sampler:
+    // KL 0, ratio 1 (approx_kl 0, nothing clipped).
+    assert_eq!(step1["kl"].as_f64().unwrap(), 0.0, "{step1}");
+    assert_eq!(step1["approx_kl"].as_f64().unwrap(), 0.0, "{step1}");
+    assert_eq!(step1["clip_fraction"].as_f64().unwrap(), 0.0, "{step1}");
+    // Every completion runs to max_new_tokens on a random model: the EOS penalty applies.
+    assert_eq!(step1["eos_fraction"].as_f64().unwrap(), 0.0);
+    let step2 = lines
+        .iter()
+        .find(|l| l["step"] == 2 && l.get("reward").is_some())
+        .unwrap();
+    assert!(
+        step2["kl"].as_f64().unwrap() != 0.0,
+        "the policy moved: {step2}"
+    );
+    for name in [
+        "value_loss",
+        "explained_variance",
+        "entropy",
+        "response_length",
+        "non_score_reward",
+    ] {
+        assert!(step2[name].is_number(), "{name} missing in {step2}");
+    }
+    assert!(out.join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn ppo_resumed_from_a_checkpoint_writes_the_same_bytes_as_an_uninterrupted_run() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let rm = tiny_reward_model(&mut ws);
+    let inputs = ppo_inputs(&ws, rm);
+    let straight = ws
+        .run("ppo", ppo_params(3, 2), &inputs, "straight", "a")
+        .unwrap();
+    ws.run("ppo", ppo_params(3, 2), &inputs, "resumed", "b")
+        .unwrap();
+    let resumed = ws
+        .run("ppo", ppo_params(3, 2), &inputs, "resumed", "c")
+        .unwrap();
+    assert_eq!(folder_bytes(&straight), folder_bytes(&resumed));
+    let lines = metric_lines(&straight);
+    let step3 = lines
+        .iter()
+        .find(|l| l["step"] == 3 && l.get("reward").is_some())
+        .unwrap();
+    assert!(
+        step3["approx_kl"].as_f64().unwrap() > 0.0,
+        "later epochs are off-policy: {step3}"
+    );
+}

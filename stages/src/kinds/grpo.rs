@@ -27,28 +27,25 @@ use crate::algo::grpo::{
     group_advantages, grpo_loss, rloo_advantages, GrpoLossConfig, LossAggregation,
 };
 use crate::algo::masked::masked_mean;
-use crate::algo::optim::{clip_grad_norm, AdamW};
-use crate::algo::schedule::LearningRateSchedule;
 use crate::data::batch::shuffle;
 use crate::data::row::Row;
 use crate::model::{CausalLm, LoraConfig};
 use crate::rl::judge::{RewardScorer, RuleJudge};
 use crate::rl::policy::{
-    default_lora, encode_prompts, evaluate_policy, load_policy, sampling_settings, score_rollouts,
-    sorted_vars, Policy,
+    default_lora, encode_prompts, load_policy, sampling_settings, score_rollouts, Policy,
 };
+use crate::rl::rl_loop::{apply_update, run_rl_loop, LoopSettings, StepOutput, Trainer};
 use crate::rl::rollout::{frozen_logprobs, sample_rollouts, token_stats, SequenceBatch};
-use crate::rl::run_log::{named, step_prompts, step_rng, step_seed, RunLog};
+use crate::rl::run_log::{step_prompts, step_rng, step_seed, RunLog};
 use crate::train::model_input::write_trained_model;
 use crate::train::settings::OptimizerParams;
 use crate::train::{read_dataset, StageResultExt};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use rlhf_engine::{
     ArtifactKind, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
 
 /// How per-completion advantages are computed from a group's rewards.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -356,7 +353,7 @@ struct GrpoRun<'a> {
     scorer: Option<&'a RewardScorer>,
 }
 
-/// Per-step sums of the update metrics, averaged over the step's optimiser updates.
+/// Sums of the update metrics of a step, averaged over its optimiser updates.
 #[derive(Default)]
 struct UpdateMetrics {
     count: usize,
@@ -379,89 +376,30 @@ impl GrpoRun<'_> {
         eval_rows: &[Row],
     ) -> Result<RunLog, StageError> {
         let p = self.params;
-        let updates_per_step = p.iterations * p.mini_batches;
-        let schedule = LearningRateSchedule {
-            kind: p.optimizer.schedule,
-            base_learning_rate: p.learning_rate,
-            warmup_steps: p.optimizer.warmup_steps,
-            total_steps: p.steps * updates_per_step,
-        };
-        let adamw = crate::algo::optim::AdamWConfig {
+        let settings = LoopSettings {
+            steps: p.steps,
+            updates_per_step: p.iterations * p.mini_batches,
             learning_rate: p.learning_rate,
-            beta1: p.optimizer.beta1,
-            beta2: p.optimizer.beta2,
-            eps: p.optimizer.eps,
-            weight_decay: p.optimizer.weight_decay,
+            optimizer: &p.optimizer,
+            checkpoint_every: p.checkpoint_every,
+            eval_every: p.eval_every,
+            eval_max_new_tokens: p.eval_max_new_tokens,
         };
-        let mut optimizer = AdamW::from_var_map(&policy.varmap, adamw).or_fail("optimiser")?;
-        let vars = sorted_vars(&policy.varmap);
-        let mut log = RunLog::default();
-        let start = log.resume(ctx, &mut policy.varmap, &mut optimizer, p.steps)?;
-        if start == 0 {
-            let values = evaluate_policy(
-                &policy.model,
-                &policy.codec,
-                eval_rows,
-                p.eval_max_new_tokens,
-            )?;
-            log.record(ctx, 0, values)?;
-        }
-        let mut task = ctx.progress.task("grpo", p.steps as u64);
-        task.set_position(start as u64);
-        for step in start..p.steps {
-            let started = Instant::now();
-            let (values, generation_seconds, generated) =
-                self.step(ctx.seed, step, policy, &mut optimizer, &vars, &schedule)?;
-            let reward = values
-                .iter()
-                .find(|(k, _)| *k == "reward")
-                .map_or(0.0, |v| v.1);
-            log.record(ctx, step as u64 + 1, named(&values))?;
-            let seconds = started.elapsed().as_secs_f64();
-            ctx.metrics.timing(
-                step as u64 + 1,
-                &[
-                    ("seconds", seconds),
-                    ("generation_seconds", generation_seconds),
-                    ("training_seconds", seconds - generation_seconds),
-                    (
-                        "generated_tokens_per_second",
-                        generated as f64 / generation_seconds.max(1e-9),
-                    ),
-                ],
-            )?;
-            let done = step + 1;
-            if done == p.steps || p.eval_every.is_some_and(|n| n > 0 && done % n == 0) {
-                let values = evaluate_policy(
-                    &policy.model,
-                    &policy.codec,
-                    eval_rows,
-                    p.eval_max_new_tokens,
-                )?;
-                log.record(ctx, done as u64, values)?;
-            }
-            if done < p.steps && p.checkpoint_every > 0 && done % p.checkpoint_every == 0 {
-                log.checkpoint(ctx, &policy.varmap, &optimizer, done, p.steps)?;
-            }
-            task.inc(1);
-            task.set_message(&format!("reward {reward:.3}"));
-        }
-        task.finish();
-        Ok(log)
+        let seed = ctx.seed;
+        run_rl_loop(ctx, policy, eval_rows, &settings, &mut |step, trainer| {
+            self.step(seed, step, trainer)
+        })
     }
 
-    /// One RL step: sample, score, compute advantages, update. Returns the step's metrics,
-    /// the generation seconds and the generated token count.
+    /// One RL step: sample, score, compute advantages, update.
     fn step(
         &self,
         seed: u64,
         step: usize,
-        policy: &Policy,
-        optimizer: &mut AdamW,
-        vars: &[Var],
-        schedule: &LearningRateSchedule,
-    ) -> Result<(Vec<(&'static str, f64)>, f64, usize), StageError> {
+        trainer: &mut Trainer,
+    ) -> Result<StepOutput, StageError> {
         let p = self.params;
+        let policy = trainer.policy;
         let codec = &policy.codec;
         let indices = step_prompts(self.rows.len(), p.prompts_per_step, seed, step);
         let prompts: Vec<Vec<u32>> = indices
@@ -555,18 +493,8 @@ impl GrpoRun<'_> {
                 )
                 .or_fail("GRPO loss")?;
                 let loss = scalar(&output.loss)?;
-                if !loss.is_finite() {
-                    return Err(StageError::failed_with_hint(
-                        format!("grpo: the loss became {loss} at step {}", step + 1),
-                        "lower `learning_rate`; a rerun resumes from the last checkpoint",
-                    ));
-                }
-                let mut grads = output.loss.backward().or_fail("backward pass")?;
-                let max_norm = p.optimizer.max_grad_norm.unwrap_or(f64::INFINITY);
-                let grad_norm =
-                    clip_grad_norm(vars, &mut grads, max_norm).or_fail("clipping gradients")?;
-                optimizer.set_learning_rate(schedule.learning_rate(update));
-                optimizer.step(&grads).or_fail("optimiser step")?;
+                metrics.grad_norm +=
+                    apply_update(trainer, &output.loss, p.optimizer.max_grad_norm, update)?;
                 update += 1;
                 metrics.count += 1;
                 metrics.loss += loss;
@@ -579,7 +507,6 @@ impl GrpoRun<'_> {
                     &masked_mean(&stats.entropy.detach(), &minibatch.response_mask)
                         .or_fail("entropy")?,
                 )?;
-                metrics.grad_norm += grad_norm;
             }
         }
         let n = metrics.count.max(1) as f64;
@@ -602,11 +529,15 @@ impl GrpoRun<'_> {
             ("grad_norm", metrics.grad_norm / n),
             (
                 "learning_rate",
-                schedule.learning_rate(update.saturating_sub(1)),
+                trainer.schedule.learning_rate(update.saturating_sub(1)),
             ),
             ("response_length", rollouts.mean_length()),
             ("eos_fraction", eos),
         ];
-        Ok((values, rollouts.seconds, rollouts.generated_tokens()))
+        Ok(StepOutput {
+            values,
+            generation_seconds: rollouts.seconds,
+            generated_tokens: rollouts.generated_tokens(),
+        })
     }
 }

@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod evaluate;
 pub mod grpo;
 pub mod load_pretrained;
+pub mod ppo;
 pub mod dpo;
 pub mod pretrain;
 pub mod reference_logprobs;
@@ -23,6 +24,7 @@ pub fn register_all(registry: &mut Registry) {
     registry.register::<evaluate::EvaluateStage>();
     registry.register::<grpo::GrpoStage>();
     registry.register::<load_pretrained::LoadPretrainedStage>();
+    registry.register::<ppo::PpoStage>();
     registry.register::<dpo::DpoStage>();
     registry.register::<pretrain::PretrainStage>();
     registry.register::<reference_logprobs::ReferenceLogprobsStage>();

@@ -14,5 +14,6 @@
 
 pub mod judge;
 pub mod policy;
+pub mod rl_loop;
 pub mod rollout;
 pub mod run_log;
