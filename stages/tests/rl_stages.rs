@@ -483,3 +483,39 @@ fn ppo_resumed_from_a_checkpoint_writes_the_same_bytes_as_an_uninterrupted_run()
         "later epochs are off-policy: {step3}"
     );
 }
+
+#[test]
+fn collect_preferences_with_a_reward_model_judge_pairs_every_prompt_by_its_scores() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let rm = tiny_reward_model(&mut ws);
+    let params = json!({ "policy": "base", "prompts": "prompts", "template": "{prompt}",
+        "judge": { "kind": "reward_model", "model": "rm" }, "completions_per_prompt": 3,
+        "max_new_tokens": 4, "batch_prompts": 5 });
+    let mut inputs = policy_inputs(&ws);
+    inputs.push(("judge_model", rm.clone(), ArtifactKind::RewardModel));
+    let out = ws
+        .run("collect_preferences", params, &inputs, "p", "prefs")
+        .unwrap();
+    let pairs = pairs_of(&out);
+    assert_eq!(pairs.len(), 16, "continuous scores never tie");
+    // The recorded scores are the reward model's: rescoring chosen must give the same number.
+    let scorer = rlhf_stages::rl::judge::RewardScorer::load(&rm, 0).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(ws.base().join("tokenizer.json")).unwrap();
+    let ids = |text: &str| tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    let first = &pairs[0];
+    let prompt = first["prompt"].as_str().unwrap();
+    let chosen = first["chosen"].as_str().unwrap();
+    let sequence = [ids(prompt), ids(chosen)].concat();
+    let rescored = scorer.score(&[sequence]).unwrap()[0];
+    let recorded = first["chosen_score"].as_f64().unwrap();
+    for pair in &pairs {
+        assert!(pair["chosen_score"].as_f64().unwrap() > pair["rejected_score"].as_f64().unwrap());
+        assert_eq!(pair["judge"], "reward_model:rm");
+    }
+    assert!(
+        (rescored - recorded).abs() < 1e-4,
+        "{rescored} vs {recorded}"
+    );
+}
