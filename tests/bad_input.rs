@@ -159,7 +159,7 @@ fn billion_laughs_is_refused() {
     text.push_str(&format!("stages:\n{OK_STAGE}"));
     assert_eq!(
         refused(&text, &[]),
-        "error: p.yaml:6:10: refused: YAML aliases expand to too many values (a \"billion laughs\" file?)\n"
+        "error: p.yaml:5:15: refused: YAML aliases expand to too many values (a \"billion laughs\" file?)\n"
     );
 }
 

@@ -183,5 +183,37 @@ fn huge_file_is_refused_before_parsing() {
 #[test]
 fn second_yaml_document_is_refused() {
     let text = "stages:\n  a: { kind: shell, run: [x], outputs: [o] }\n---\nstages: {}\n";
-    assert_eq!(error(text, &[]), "pipeline.yaml:3:1: a pipeline file is one YAML document; this one has another after `---`");
+    assert_eq!(
+        error(text, &[]),
+        "pipeline.yaml:3:1: a pipeline file is one YAML document; this one has another after `---`"
+    );
+}
+
+#[test]
+fn one_anchor_aliased_a_thousand_times_is_refused() {
+    let text = format!(
+        "a: &a [{}]\nb: [{}]\nstages: {{}}\n",
+        vec!["x"; 5000].join(","),
+        vec!["*a"; 999].join(",")
+    );
+    assert!(error(&text, &[]).contains("refused: more than 100000 YAML values (counting what aliases expand to)"));
+}
+
+#[test]
+fn large_generated_pipeline_is_accepted() {
+    // The budgets that stop bombs leave room for big honest files: 1,000 stages with a
+    // shared anchored block each.
+    let mut text = String::from(
+        "stages:\n  s0: &shell { kind: shell, run: [sh, -c, 'echo 0 > $OUT/f'], outputs: [f], params: { a: 1, b: [1, 2, 3] } }\n",
+    );
+    for i in 1..1000 {
+        text.push_str(&format!(
+            "  s{i}: {{ kind: shell, run: [sh, -c, 'echo {i}'], outputs: [f], inputs: {{ up: s{} }}, params: {{ i: {i}, lr: 0.1, tags: [a, b] }} }}\n",
+            i - 1
+        ));
+        if i % 100 == 0 {
+            text.push_str(&format!("  copy{i}: *shell\n"));
+        }
+    }
+    assert_eq!(check(&text, &[]).unwrap().stages.len(), 1009);
 }
