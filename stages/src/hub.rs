@@ -153,17 +153,21 @@ impl HfHubResolver {
         })
     }
 
-    fn not_available(&self, reference: &str, why: &str) -> HubError {
+    fn not_available(&self, reference: &str, repo_type: RepoKind, why: &str) -> HubError {
+        // A dataset stage takes its hub reference in `source`, a model stage in `model`.
+        let local_copy = match repo_type {
+            RepoKind::Model => "`--set STAGE.model=/path/to/local/folder` at a local copy (a folder in the hub's layout)",
+            RepoKind::Dataset => "`--set STAGE.source=/path/to/local/file-or-folder` at a local copy (jsonl, json, csv or parquet)",
+        };
         HubError {
             message: format!(
                 "{reference} is not in the local Hugging Face cache ({}) and {why}",
                 self.cache_dir.display()
             ),
-            hint: Some(
-                "point `--set STAGE.model=/path/to/local/folder` at a local copy (a folder in the hub's layout), \
+            hint: Some(format!(
+                "point {local_copy}, where STAGE is the failed stage, \
                  or go online (unset HF_HUB_OFFLINE) so it can be downloaded"
-                    .into(),
-            ),
+            )),
         }
     }
 
@@ -265,13 +269,21 @@ impl HubResolver for HfHubResolver {
         let parsed = HubReference::parse(reference)?;
         if self.offline {
             return self.cached(&parsed).ok_or_else(|| {
-                self.not_available(reference, "the hub is offline (HF_HUB_OFFLINE)")
+                self.not_available(
+                    reference,
+                    parsed.repo_type,
+                    "the hub is offline (HF_HUB_OFFLINE)",
+                )
             });
         }
         match self.fetch(&parsed) {
             Ok(resolved) => Ok(resolved),
             Err(why) => self.cached(&parsed).ok_or_else(|| {
-                self.not_available(reference, &format!("the hub could not be reached ({why})"))
+                self.not_available(
+                    reference,
+                    parsed.repo_type,
+                    &format!("the hub could not be reached ({why})"),
+                )
             }),
         }
     }
