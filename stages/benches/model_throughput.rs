@@ -3,15 +3,20 @@
 //! at batch 1 and 32, and forward+backward (full fine-tuning and LoRA r 8 on all
 //! linears). Run with
 //!
-//!     RAYON_NUM_THREADS=2 cargo bench -p rlhf-stages --bench model_throughput
+//!     RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS=1 cargo bench -p rlhf-stages --bench model_throughput
+//!
+//! CANDLE_NUM_THREADS=1 keeps candle's elementwise ops on the calling thread: its
+//! worker pool spins at a barrier after every op, and on a shared, busy 2-core machine
+//! that spinning took over half the time (measured with perf: 3.7x slower
+//! forward+backward). gemm still uses RAYON_NUM_THREADS threads.
 //!
 //! Tokens count real tokens only (no padding). Each figure is the best of 3 runs.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use rlhf_stages::model::{
-    completion_logprobs, generate, CausalLm, GenerationSettings, LlamaConfig, LoraConfig, LoraTargets, TokenBatch,
-    Trainability,
+    completion_logprobs, generate, CausalLm, GenerationSettings, LlamaConfig, LoraConfig,
+    LoraTargets, TokenBatch, Trainability,
 };
 use std::time::Instant;
 
@@ -36,21 +41,39 @@ fn best_of<T>(runs: usize, mut work: impl FnMut() -> T) -> f64 {
 
 /// Prompts shaped like the arithmetic task: 9 to 12 tokens.
 fn prompts(batch: usize) -> Vec<Vec<u32>> {
-    (0..batch).map(|i| (0..9 + (i % 4) as u32).map(|j| 3 + (i as u32 * 7 + j * 13) % 500).collect()).collect()
+    (0..batch)
+        .map(|i| {
+            (0..9 + (i % 4) as u32)
+                .map(|j| 3 + (i as u32 * 7 + j * 13) % 500)
+                .collect()
+        })
+        .collect()
 }
 
 fn generation(model: &CausalLm, batch: usize, new_tokens: usize) -> f64 {
-    let settings = GenerationSettings { max_new_tokens: new_tokens, temperature: 1.0, seed: 1, ..GenerationSettings::greedy() };
+    let settings = GenerationSettings {
+        max_new_tokens: new_tokens,
+        temperature: 1.0,
+        seed: 1,
+        ..GenerationSettings::greedy()
+    };
     let prompts = prompts(batch);
     generate(model, &prompts, &settings, None).expect("generate");
-    let seconds = best_of(3, || generate(model, &prompts, &settings, None).expect("generate"));
+    let seconds = best_of(3, || {
+        generate(model, &prompts, &settings, None).expect("generate")
+    });
     let tokens = (batch * new_tokens) as f64;
-    println!("generate  batch {batch:>2}, {new_tokens} new tokens: {:>8.0} tokens/s ({seconds:.3} s)", tokens / seconds);
+    println!(
+        "generate  batch {batch:>2}, {new_tokens} new tokens: {:>8.0} tokens/s ({seconds:.3} s)",
+        tokens / seconds
+    );
     seconds
 }
 
 fn training_batch(batch: usize, time: usize) -> TokenBatch {
-    let ids: Vec<u32> = (0..batch * time).map(|i| 3 + (i as u32 * 31) % 500).collect();
+    let ids: Vec<u32> = (0..batch * time)
+        .map(|i| 3 + (i as u32 * 31) % 500)
+        .collect();
     let device = Device::Cpu;
     TokenBatch {
         input_ids: Tensor::from_vec(ids, (batch, time), &device).expect("ids"),
@@ -61,28 +84,60 @@ fn training_batch(batch: usize, time: usize) -> TokenBatch {
 
 fn forward_backward(label: &str, model: &CausalLm, batch: &TokenBatch) {
     let step = || {
-        let loss = completion_logprobs(model, batch).expect("logprobs").mean_logprob().expect("mean").neg().expect("neg");
+        let loss = completion_logprobs(model, batch)
+            .expect("logprobs")
+            .mean_logprob()
+            .expect("mean")
+            .neg()
+            .expect("neg");
         loss.backward().expect("backward")
     };
     step();
     let seconds = best_of(3, step);
     let tokens = batch.input_ids.elem_count() as f64;
-    println!("fwd+bwd   {label}: {:>8.0} tokens/s ({seconds:.3} s for {tokens} tokens)", tokens / seconds);
+    println!(
+        "fwd+bwd   {label}: {:>8.0} tokens/s ({seconds:.3} s for {tokens} tokens)",
+        tokens / seconds
+    );
 }
 
 fn main() {
     let device = Device::Cpu;
-    let frozen = CausalLm::random(bench_config(), 0, DType::F32, &device, Trainability::Frozen).expect("model");
-    println!("model: {} parameters, RAYON_NUM_THREADS={:?}", frozen.num_parameters().expect("count"), std::env::var("RAYON_NUM_THREADS").ok());
+    let frozen = CausalLm::random(bench_config(), 0, DType::F32, &device, Trainability::Frozen)
+        .expect("model");
+    let env = |name: &str| std::env::var(name).ok();
+    println!(
+        "model: {} parameters, RAYON_NUM_THREADS={:?} CANDLE_NUM_THREADS={:?}",
+        frozen.num_parameters().expect("count"),
+        env("RAYON_NUM_THREADS"),
+        env("CANDLE_NUM_THREADS")
+    );
     let single = generation(&frozen, 1, 32);
     let batched = generation(&frozen, 32, 32);
-    println!("batch 32 costs {:.1}x one row (32 single runs would cost 32x)", batched / single);
+    println!(
+        "batch 32 costs {:.1}x one row (32 single runs would cost 32x)",
+        batched / single
+    );
     let batch = training_batch(32, 32);
     let varmap = VarMap::new();
-    let full = CausalLm::random(bench_config(), 0, DType::F32, &device, Trainability::Full(&varmap)).expect("model");
+    let full = CausalLm::random(
+        bench_config(),
+        0,
+        DType::F32,
+        &device,
+        Trainability::Full(&varmap),
+    )
+    .expect("model");
     forward_backward("full fine-tune, batch 32 x 32", &full, &batch);
     let mut lora = frozen.clone();
-    let lora_config = LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: LoraTargets::All("all-linear".into()), use_rslora: false };
-    lora.add_lora(&lora_config, &VarMap::new(), 0).expect("lora");
+    let lora_config = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LoraTargets::All("all-linear".into()),
+        use_rslora: false,
+    };
+    lora.add_lora(&lora_config, &VarMap::new(), 0)
+        .expect("lora");
     forward_backward("LoRA r8 all-linear, batch 32 x 32", &lora, &batch);
 }

@@ -195,7 +195,7 @@ fn generation_stops_at_a_stop_string() {
     let prompt = vec![1u32, 51, 28, 223, 21, 13, 22, 31, 201, 35, 28];
     let free = rlhf_stages::model::generate(
         &model,
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
         &GenerationSettings {
             max_new_tokens: 16,
             ..GenerationSettings::greedy()

@@ -29,7 +29,7 @@ fn settings(max_new_tokens: usize) -> GenerationSettings {
 fn greedy_with_kv_cache_equals_argmax_of_the_full_forward() {
     let model = tiny_model(11);
     let prompt = prompts()[1].clone();
-    let output = generate(&model, &[prompt.clone()], &settings(12), None).unwrap();
+    let output = generate(&model, std::slice::from_ref(&prompt), &settings(12), None).unwrap();
     let mut sequence = prompt.clone();
     for (step, &token) in output.tokens[0].iter().enumerate() {
         let input = Tensor::new(sequence.as_slice(), &Device::Cpu)
@@ -65,7 +65,7 @@ fn a_batch_generates_the_same_tokens_as_each_row_alone() {
     let model = tiny_model(12);
     let batch = generate(&model, &prompts(), &settings(10), None).unwrap();
     for (row, prompt) in prompts().iter().enumerate() {
-        let alone = generate(&model, &[prompt.clone()], &settings(10), None).unwrap();
+        let alone = generate(&model, std::slice::from_ref(prompt), &settings(10), None).unwrap();
         assert_eq!(batch.tokens[row], alone.tokens[0], "row {row}");
         for (a, b) in batch.logprobs[row].iter().zip(&alone.logprobs[0]) {
             assert!((a - b).abs() < 1e-4, "row {row}: {a} vs {b}");
@@ -146,7 +146,7 @@ fn sampled_logprobs_equal_teacher_forced_logprobs_of_the_same_tokens() {
         seed: 5,
         ..settings(6)
     };
-    let output = generate(&model, &[prompt.clone()], &settings, None).unwrap();
+    let output = generate(&model, std::slice::from_ref(&prompt), &settings, None).unwrap();
     let full: Vec<u32> = prompt.iter().chain(&output.tokens[0]).copied().collect();
     let input = Tensor::new(full.as_slice(), &Device::Cpu)
         .unwrap()

@@ -250,6 +250,6 @@ fn stories260k_greedy_continuation_matches_golden() {
         eos_token_ids: vec![],
         ..GenerationSettings::greedy()
     };
-    let output = generate(&model, &[prompt.clone()], &settings, None).unwrap();
+    let output = generate(&model, std::slice::from_ref(&prompt), &settings, None).unwrap();
     assert_eq!(output.tokens[0], expected[prompt.len()..].to_vec());
 }

@@ -186,12 +186,12 @@ impl LlamaConfig {
         }
         let heads = self.num_attention_heads;
         let kv_heads = self.num_kv_heads();
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(ModelError::Unsupported(format!(
                 "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}"
             )));
         }
-        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return Err(ModelError::Unsupported(format!(
                 "head_dim {} must be even and positive",
                 self.head_dim()
