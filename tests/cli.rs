@@ -198,3 +198,55 @@ fn schema_is_current() {
         path.display()
     );
 }
+
+#[test]
+fn show_prints_the_outputs_of_a_cached_stage_only() {
+    let project = diamond_project();
+    let missing = project.rlhf(&["show", "p.yaml", "b"]);
+    missing.assert_code(1);
+    assert!(
+        missing.stderr.contains("stage `b` has no cached outputs (waits for `a`)"),
+        "{}",
+        missing.stderr
+    );
+    assert!(
+        missing.stderr.contains("hint: run `rlhf run p.yaml --until b` first"),
+        "{}",
+        missing.stderr
+    );
+
+    let run = project.run(&[]);
+    let shown = project.rlhf(&["show", "p.yaml", "b", "--json"]);
+    shown.assert_code(0);
+    let shown: Json = serde_json::from_str(shown.stdout.trim()).unwrap();
+    let ran = run.stages().into_iter().find(|s| s["stage"] == "b").unwrap();
+    assert_eq!(shown["key"], ran["key"]);
+    assert_eq!(shown["outputs"]["out"]["digest"], ran["outputs"]["out"]["digest"]);
+    assert_eq!(project.rlhf(&["show", "p.yaml", "bb"]).code, 2);
+}
+
+#[test]
+fn dag_renders_every_edge() {
+    let project = diamond_project();
+    let text = project.rlhf(&["dag", "p.yaml"]);
+    text.assert_code(0);
+    assert_eq!(
+        text.stdout,
+        "a (command)\nb (command) ← a\nc (command) ← a\nd (command) ← b, c\ne (command) ← a\n"
+    );
+    let dot = project.rlhf(&["dag", "p.yaml", "--format", "dot"]).stdout;
+    for edge in [
+        "\"a\" -> \"b\"",
+        "\"a\" -> \"c\"",
+        "\"b\" -> \"d\"",
+        "\"c\" -> \"d\"",
+        "\"a\" -> \"e\"",
+    ] {
+        assert!(dot.contains(edge), "{edge} missing from\n{dot}");
+    }
+    let mermaid = project.rlhf(&["dag", "p.yaml", "--format", "mermaid"]).stdout;
+    assert!(
+        mermaid.starts_with("flowchart LR\n") && mermaid.contains("  c -->|out → c| d\n"),
+        "{mermaid}"
+    );
+}
