@@ -318,3 +318,27 @@ fn after_orders_stages_without_entering_keys() {
     project.write("p.yaml", &project.read("p.yaml").replace("    after: [a]\n", ""));
     assert_eq!(project.run(&[]).with_status("cached"), names(&["a", "b"]));
 }
+
+#[test]
+fn missing_artifact_is_reported_and_recomputed() {
+    let project = diamond_project();
+    let first = project.run(&[]);
+    first.assert_code(0);
+    let object = first.output_dir("c");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("chmod -R u+w {0} && rm -r {0}", object.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let rerun = project.run(&[]);
+    rerun.assert_code(0);
+    assert_eq!(rerun.with_status("ran"), names(&["c"]));
+    let digest = object.file_name().unwrap().to_str().unwrap();
+    assert!(
+        rerun.stderr.contains(&format!("warning: artifact {digest}")) && rerun.stderr.contains("is missing"),
+        "{}",
+        rerun.stderr
+    );
+}

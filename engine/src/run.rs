@@ -283,7 +283,10 @@ impl<'a> Engine<'a> {
                 for digest in record.outputs.values() {
                     match self.cache.check_artifact(digest) {
                         ArtifactHealth::Ok => {}
-                        ArtifactHealth::Missing => return None,
+                        ArtifactHealth::Missing => {
+                            warnings.push(format!("artifact {digest} recorded for key {} is missing from the cache; recomputing", short(key)));
+                            return None;
+                        }
                         ArtifactHealth::Damaged(reason) => {
                             warnings.push(format!("artifact {digest} is damaged ({reason}); recomputing"));
                             let _ = self.cache.remove_artifact(digest);
