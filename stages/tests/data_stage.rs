@@ -297,11 +297,59 @@ fn length_filters_use_the_tokenizer_input() {
 fn params_schemas_describe_sources_splits_and_tokenizer_settings() {
     let registry = rlhf_stages::registry();
     let dataset = registry.get("dataset").unwrap().params_schema().to_string();
-    for key in ["source", "synthetic", "format", "fields", "split", "shuffle", "limit", "sample", "filters", "on_error"] {
-        assert!(dataset.contains(&format!("\"{key}\"")), "{key} missing from the dataset schema");
+    for key in [
+        "source",
+        "synthetic",
+        "format",
+        "fields",
+        "split",
+        "shuffle",
+        "limit",
+        "sample",
+        "filters",
+        "on_error",
+    ] {
+        assert!(
+            dataset.contains(&format!("\"{key}\"")),
+            "{key} missing from the dataset schema"
+        );
     }
     let tokenizer = registry.get("train_tokenizer").unwrap().params_schema().to_string();
     for key in ["data", "vocab_size", "special_tokens", "individual_digits", "template"] {
-        assert!(tokenizer.contains(&format!("\"{key}\"")), "{key} missing from the train_tokenizer schema");
+        assert!(
+            tokenizer.contains(&format!("\"{key}\"")),
+            "{key} missing from the train_tokenizer schema"
+        );
     }
+}
+
+#[test]
+fn train_tokenizer_on_text_only_reproduces_the_reference_tokenizer() {
+    let (Some(pretrain), Some(reference)) = (
+        rlhf_stages::testing::shared_path("bench/trl/data/pretrain.jsonl"),
+        rlhf_stages::testing::shared_path("bench/trl/tokenizer/tokenizer.json"),
+    ) else {
+        return;
+    };
+    let ran = run(
+        "train_tokenizer",
+        json!({ "data": "pretrain.jsonl", "fields": ["text"] }),
+        &[("data", &pretrain, None)],
+    )
+    .unwrap();
+    assert_eq!(ran.metrics["texts"], 20_000);
+    let ours: Value =
+        serde_json::from_str(&std::fs::read_to_string(ran.outputs["tokenizer"].join("tokenizer.json")).unwrap())
+            .unwrap();
+    let theirs: Value = serde_json::from_str(&std::fs::read_to_string(reference).unwrap()).unwrap();
+    assert_eq!(ours["model"], theirs["model"]);
+    let registry = rlhf_stages::registry();
+    let Err(ConfigureError::Ports(error)) = registry
+        .get("train_tokenizer")
+        .unwrap()
+        .configure(&json!({ "data": "x", "fields": ["txt"] }))
+    else {
+        panic!("an unknown field must be refused");
+    };
+    assert_eq!(error.param.as_deref(), Some("fields"));
 }

@@ -32,6 +32,9 @@ use std::path::Path;
 /// The file inside a Dataset artifact that holds its rows.
 pub const DATA_FILE: &str = "data.jsonl";
 
+/// The fields [`Row::text_field`] knows, in schema order.
+pub const TEXT_FIELDS: [&str; 6] = ["prompt", "completion", "messages", "chosen", "rejected", "text"];
+
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,6 +179,26 @@ impl Row {
             out.push(&message.content);
         }
         out
+    }
+
+    /// The text of one field by its schema name (`messages` joins the contents with
+    /// newlines); `None` when the row lacks it or the name is not a text field.
+    pub fn text_field(&self, name: &str) -> Option<String> {
+        match name {
+            "prompt" => self.prompt.clone(),
+            "completion" => self.completion.clone(),
+            "chosen" => self.chosen.clone(),
+            "rejected" => self.rejected.clone(),
+            "text" => self.text.clone(),
+            "messages" => {
+                let contents: Option<Vec<&str>> = self
+                    .messages
+                    .as_ref()
+                    .map(|m| m.iter().map(|m| m.content.as_str()).collect());
+                contents.map(|c| c.join("\n"))
+            }
+            _ => None,
+        }
     }
 
     /// The row as one line of `data.jsonl` (no newline).

@@ -16,7 +16,7 @@
 //! on the same data write identical bytes.
 
 use crate::data::load::{load_rows, LoadOptions};
-use crate::data::row::DATA_FILE;
+use crate::data::row::{DATA_FILE, TEXT_FIELDS};
 use crate::data::template::PromptTemplate;
 use crate::data::tokenizer::{tokenizer_json, train_bpe, BpeSettings, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 use crate::data::{DataError, Format};
@@ -31,6 +31,11 @@ use serde::{Deserialize, Serialize};
 pub struct TrainTokenizerParams {
     /// A dataset stage output, or a data file or folder.
     pub data: String,
+    /// Row fields to learn from (prompt, completion, messages, chosen, rejected, text);
+    /// empty (the default) takes every text field. `[text]` trains on pretraining text
+    /// only, as the TRL reference tokenizer was.
+    #[serde(default)]
+    pub fields: Vec<String>,
     #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,
     /// A pair must occur this often to be merged.
@@ -112,6 +117,10 @@ impl Stage for TrainTokenizerStage {
         if let Some(template) = &params.template {
             PromptTemplate::plain(template).map_err(|e| PortsError::new(Some("template"), e.to_string()))?;
         }
+        if let Some(unknown) = params.fields.iter().find(|f| !TEXT_FIELDS.contains(&f.as_str())) {
+            return Err(PortsError::new(Some("fields"), format!("unknown field `{unknown}`"))
+                .with_hint(format!("text fields are {}", TEXT_FIELDS.join(", "))));
+        }
         Ok(Ports {
             inputs: vec![InputPort::stage("data", &params.data, &[ArtifactKind::Dataset])
                 .allow_external(ExternalPolicy::StageOrPath)],
@@ -136,7 +145,20 @@ impl Stage for TrainTokenizerStage {
             special_tokens: params.special_tokens.clone(),
             individual_digits: params.individual_digits,
         };
-        let tokenizer = train_bpe(rows.iter().flat_map(|row| row.texts()), &settings)?;
+        let texts: Vec<String> = if params.fields.is_empty() {
+            rows.iter().flat_map(|row| row.texts()).map(str::to_string).collect()
+        } else {
+            rows.iter()
+                .flat_map(|row| params.fields.iter().filter_map(|f| row.text_field(f)))
+                .collect()
+        };
+        if texts.is_empty() {
+            return Err(StageError::failed_with_hint(
+                "the dataset has no text to train a tokenizer on",
+                "check `fields:` against the rows' fields",
+            ));
+        }
+        let tokenizer = train_bpe(texts.iter().map(String::as_str), &settings)?;
         let out = ctx.output_dir("tokenizer")?.to_path_buf();
         write_file(&out.join(TOKENIZER_FILE), tokenizer_json(&tokenizer)? + "\n")?;
         write_file(&out.join(TOKENIZER_CONFIG_FILE), tokenizer_config(params)?)?;
