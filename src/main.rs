@@ -115,6 +115,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Serve the page where people label the pairs of a `human`-judged stage (127.0.0.1).
+    Label {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// The `collect_preferences` stage whose judge is `human`.
+        #[arg(long, value_name = "STAGE")]
+        stage: String,
+        /// Port on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 8765)]
+        port: u16,
+        /// Put this labeller's name in the printed URL.
+        #[arg(long, value_name = "NAME")]
+        labeller: Option<String>,
+    },
     /// Inspect and maintain the cache.
     Cache {
         #[command(subcommand)]
@@ -186,6 +200,9 @@ fn main() -> ExitCode {
         Command::Generate { pipeline, stage, prompt, interactive, max_new_tokens, temperature, top_k, top_p, seed } => {
             let options = commands::generate::GenerateOptions { prompt, interactive, max_new_tokens, temperature, top_k, top_p, seed };
             commands::generate::generate(&pipeline.file, &pipeline.set, &cache_dir, &stage, &options)
+        }
+        Command::Label { pipeline, stage, port, labeller } => {
+            commands::label::label(&pipeline.file, &pipeline.set, &commands::label::LabelOptions { stage, port, labeller })
         }
         Command::Cache { command } => match command {
             CacheCommand::Ls { json } => commands::cache::ls(&cache_dir, json),

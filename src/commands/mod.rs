@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod generate;
 pub mod inspect;
+pub mod label;
 pub mod report;
 pub mod run;
 pub mod status;

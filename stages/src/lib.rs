@@ -6,6 +6,7 @@
 //! - [`eval`]: evaluation metrics (ROUGE as rouge-score computes it, perplexity, exact match).
 //! - [`hub`]: `hf://` references fetched and cached through hf-hub.
 //! - [`report`]: the static HTML report of a pipeline (curves and evaluation tables).
+//! - [`label`]: human preference labelling (the `human` judge, the `rlhf label` server).
 //! - [`kinds`]: one module per stage kind, registered in [`registry`].
 
 pub mod algo;
@@ -13,6 +14,7 @@ pub mod data;
 pub mod eval;
 pub mod hub;
 pub mod kinds;
+pub mod label;
 pub mod model;
 pub mod report;
 pub mod rl;

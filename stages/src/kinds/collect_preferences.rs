@@ -23,7 +23,7 @@
 use crate::data::batch::shuffle;
 use crate::data::row::{write_rows, Row};
 use crate::rl::judge::{FileLabels, RewardScorer, RuleJudge};
-use crate::rl::policy::{encode_prompts, load_policy, sampling_settings, score_rollouts};
+use crate::rl::policy::{encode_prompts, load_frozen_policy, sampling_settings, score_rollouts};
 use crate::rl::rollout::{sample_rollouts, Rollouts};
 use crate::rl::run_log::{step_rng, step_seed};
 use crate::train::{read_dataset, StageResultExt};
@@ -45,6 +45,8 @@ pub enum JudgeSpec {
     RewardModel(RewardModelJudge),
     /// Scores from a jsonl file of `{"prompt", "completion", "score"}` lines.
     File(FileJudge),
+    /// People label pairs on the page `rlhf label` serves (see `crate::label`).
+    Human(crate::label::HumanJudge),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -191,6 +193,7 @@ impl Stage for CollectPreferencesStage {
                     .at_param("judge.labels")
                     .allow_external(ExternalPolicy::StageOrPath),
             ),
+            JudgeSpec::Human(judge) => inputs.extend(crate::label::labels_input(judge)),
         }
         Ok(Ports {
             inputs,
@@ -213,6 +216,11 @@ impl Stage for CollectPreferencesStage {
             Some(_) => sample_and_score(params, ctx, &rows)?,
             None => (String::from("file"), labelled_candidates(ctx, &rows)?),
         };
+        if let JudgeSpec::Human(judge) = &params.judge {
+            let texts = candidates.into_iter().map(|c| c.into_iter().map(|(text, _)| text).collect()).collect();
+            let all_pairs = params.pairing == Pairing::AllPairs;
+            return crate::label::stage::finish(judge, all_pairs, ctx, &rows, texts);
+        }
         let mut counts = PairCounts::default();
         let mut records = Vec::new();
         let mut rng = step_rng(ctx.seed, 0);
@@ -261,13 +269,7 @@ fn sample_and_score(
     ctx: &mut StageContext,
     rows: &[Row],
 ) -> Result<(String, Candidates), StageError> {
-    let policy = load_policy(
-        ctx,
-        "policy",
-        None,
-        params.template.as_deref(),
-        params.add_bos,
-    )?;
+    let policy = load_frozen_policy(ctx, "policy", params.template.as_deref(), params.add_bos)?;
     let pad = policy.codec.special.pad;
     let prompt_ids = encode_prompts(&policy.codec, rows)?;
     let scorer = match &params.judge {
@@ -284,6 +286,7 @@ fn sample_and_score(
         JudgeSpec::Rule(_) => "rule".to_string(),
         JudgeSpec::RewardModel(j) => format!("reward_model:{}", j.model),
         JudgeSpec::File(j) => format!("file:{}", j.labels),
+        JudgeSpec::Human(_) => "human".to_string(),
     };
     let k = params.completions_per_prompt;
     let mut candidates: Candidates = Vec::with_capacity(rows.len());
@@ -353,6 +356,8 @@ fn judge_scores(
                 score
             })
             .collect()),
+        // Sampled only: people judge them later (crate::label).
+        (JudgeSpec::Human(_), _) => Ok(vec![Some(0.0); rollouts.texts.len()]),
         (JudgeSpec::Rule(rule), _) => {
             let scored = score_rollouts(rollouts, rows, Some(rule), None)?;
             Ok(scored.scores.into_iter().map(Some).collect())

@@ -1,0 +1,198 @@
+//! The `human` judge's part of a `collect_preferences` run: the sampled completions become
+//! items (written beside the labels file); if some still lack labels the stage waits,
+//! otherwise the standing labels become preference pairs with a strength and a margin.
+
+use super::items::{items_of_prompt, write_items, Item};
+use super::log::{agreement, LabelEvent, LabelState};
+use super::{items_path, HumanJudge};
+use crate::data::batch::shuffle;
+use crate::data::row::{write_rows, Row};
+use crate::train::StageResultExt;
+use rlhf_engine::{StageContext, StageError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// One line of `pairs.jsonl` for the human judge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HumanPair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    /// `significantly` when the labellers' mean preference is 1.5 or more, else `slightly`.
+    pub strength: String,
+    /// The mean preference of chosen over rejected (1 = slightly … 2 = significantly); the
+    /// `margin` of the dataset row, which the reward model can use.
+    pub margin: f64,
+    pub labellers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub comments: Vec<String>,
+    pub item: String,
+    pub judge: String,
+}
+
+/// Turns each prompt's sampled completions into items, then waits or writes the pairs.
+/// `all_pairs`: every pair of distinct completions; otherwise they are shuffled (seeded)
+/// and paired off two by two.
+pub fn finish(
+    judge: &HumanJudge,
+    all_pairs: bool,
+    ctx: &mut StageContext,
+    rows: &[Row],
+    completions: Vec<Vec<String>>,
+) -> Result<(), StageError> {
+    let mut rng = crate::rl::run_log::step_rng(ctx.seed, 0);
+    let mut items: Vec<Item> = Vec::new();
+    for (row, mut texts) in rows.iter().zip(completions) {
+        if !all_pairs {
+            shuffle(&mut texts, &mut rng);
+        }
+        items.extend(items_of_prompt(
+            row.prompt.as_deref().unwrap_or(""),
+            &texts,
+            all_pairs,
+        ));
+    }
+    let labels_path = Path::new(&judge.labels);
+    let items_file = items_path(labels_path);
+    write_items(&items_file, &items).or_fail("writing the items to label")?;
+    let state = LabelState::read(labels_path).or_fail("reading the labels")?;
+    let standing = state.standing();
+    let needed = judge.labels_per_item.max(1);
+    let missing: usize = items
+        .iter()
+        .map(|i| needed.saturating_sub(standing.get(i.id.as_str()).map_or(0, |l| l.len())))
+        .sum();
+    if missing > 0 {
+        let complete = items.len()
+            - items
+                .iter()
+                .filter(|i| standing.get(i.id.as_str()).map_or(0, |l| l.len()) < needed)
+                .count();
+        return Err(StageError::Waiting {
+            message: format!(
+                "waiting for {missing} labels ({complete} of {} pairs done; items in {}) — run `rlhf label <pipeline> --stage {}`",
+                items.len(),
+                items_file.display(),
+                ctx.stage
+            ),
+        });
+    }
+    let mut pairs = Vec::new();
+    let mut ties = 0usize;
+    for item in &items {
+        let labels = standing.get(item.id.as_str()).cloned().unwrap_or_default();
+        match pair_of(item, &labels) {
+            Some(pair) => pairs.push(pair),
+            None => ties += 1,
+        }
+    }
+    write_pairs(&ctx.output_dir("pairs")?.to_path_buf(), &pairs)?;
+    set_metrics(ctx, rows.len(), &items, &pairs, ties, &state);
+    eprintln!(
+        "{}: {} pairs from {} labelled items, {ties} judged about the same",
+        ctx.stage,
+        pairs.len(),
+        items.len()
+    );
+    Ok(())
+}
+
+/// The item's pair by the labellers' mean preference; `None` when it is zero (a tie).
+fn pair_of(item: &Item, labels: &BTreeMap<&str, &LabelEvent>) -> Option<HumanPair> {
+    let mean = labels
+        .values()
+        .map(|l| f64::from(l.preference))
+        .sum::<f64>()
+        / labels.len().max(1) as f64;
+    if mean == 0.0 {
+        return None;
+    }
+    let (chosen, rejected) = if mean > 0.0 {
+        (&item.first, &item.second)
+    } else {
+        (&item.second, &item.first)
+    };
+    Some(HumanPair {
+        prompt: item.prompt.clone(),
+        chosen: chosen.clone(),
+        rejected: rejected.clone(),
+        strength: if mean.abs() >= 1.5 {
+            "significantly"
+        } else {
+            "slightly"
+        }
+        .to_string(),
+        margin: mean.abs(),
+        labellers: labels.keys().map(|s| s.to_string()).collect(),
+        comments: labels
+            .values()
+            .filter_map(|l| l.comment.clone())
+            .filter(|c| !c.is_empty())
+            .collect(),
+        item: item.id.clone(),
+        judge: "human".to_string(),
+    })
+}
+
+fn write_pairs(dest: &Path, pairs: &[HumanPair]) -> Result<(), StageError> {
+    let rows: Vec<Row> = pairs
+        .iter()
+        .map(|p| Row {
+            prompt: Some(p.prompt.clone()),
+            chosen: Some(p.chosen.clone()),
+            rejected: Some(p.rejected.clone()),
+            margin: Some(p.margin),
+            ..Row::default()
+        })
+        .collect();
+    write_rows(dest, &rows).or_fail("writing data.jsonl")?;
+    let path = dest.join("pairs.jsonl");
+    let file = std::fs::File::create(&path).map_err(|e| StageError::io(&path, e))?;
+    let mut out = std::io::BufWriter::new(file);
+    for pair in pairs {
+        let line = serde_json::to_string(pair).or_fail("serialising a pair")?;
+        writeln!(out, "{line}").map_err(|e| StageError::io(&path, e))?;
+    }
+    out.flush().map_err(|e| StageError::io(&path, e))
+}
+
+fn set_metrics(
+    ctx: &mut StageContext,
+    prompts: usize,
+    items: &[Item],
+    pairs: &[HumanPair],
+    ties: usize,
+    state: &LabelState,
+) {
+    let standing = state.standing();
+    let used: usize = items
+        .iter()
+        .map(|i| standing.get(i.id.as_str()).map_or(0, |l| l.len()))
+        .sum();
+    ctx.metrics.set("prompts", prompts as u64);
+    ctx.metrics.set("items", items.len() as u64);
+    ctx.metrics.set("pairs", pairs.len() as u64);
+    ctx.metrics.set("ties_dropped", ties as u64);
+    ctx.metrics.set("labels", used as u64);
+    ctx.metrics.set("labellers", state.labellers().len() as u64);
+    ctx.metrics.set(
+        "significantly",
+        pairs
+            .iter()
+            .filter(|p| p.strength == "significantly")
+            .count() as u64,
+    );
+    let margin = pairs.iter().map(|p| p.margin).sum::<f64>() / pairs.len().max(1) as f64;
+    ctx.metrics.set("mean_margin", margin);
+    let agreement = agreement(state);
+    ctx.metrics
+        .set("agreement_comparisons", agreement.comparisons as u64);
+    if let Some(direction) = agreement.direction {
+        ctx.metrics.set("agreement", direction);
+    }
+    if let Some(exact) = agreement.exact {
+        ctx.metrics.set("agreement_exact", exact);
+    }
+}
