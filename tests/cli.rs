@@ -250,3 +250,34 @@ fn dag_renders_every_edge() {
         "{mermaid}"
     );
 }
+
+#[test]
+fn broken_lock_file_is_invalid_input_and_names_the_way_out() {
+    let project = diamond_project();
+    project.run(&[]).assert_code(0);
+    let lock = project.read("p.lock");
+    project.write("p.lock", &format!("<<<<<<< HEAD\n{lock}=======\n{lock}>>>>>>> other\n"));
+    for command in ["run", "status"] {
+        let refused = project.rlhf(&[command, "p.yaml"]);
+        refused.assert_code(2);
+        assert!(
+            refused.stderr.contains("p.lock is not a valid rlhf lock file"),
+            "{}",
+            refused.stderr
+        );
+        assert!(
+            refused
+                .stderr
+                .contains("hint: fix the file (e.g. resolve a merge conflict), or delete it"),
+            "{}",
+            refused.stderr
+        );
+    }
+    assert_eq!(project.executions().len(), 5, "nothing ran");
+    std::fs::remove_file(project.path("p.lock")).unwrap();
+    assert_eq!(
+        project.run(&[]).with_status("cached").len(),
+        5,
+        "deleting the lock loses no cached result"
+    );
+}

@@ -211,7 +211,7 @@ impl<'a> Engine<'a> {
         self.check_names(pipeline, options)?;
         let _shared = self.cache.lock_shared()?;
         let lock_path = lockfile::lock_path(&pipeline.file);
-        let old_lock = lockfile::read(&lock_path)?;
+        let old_lock = read_lock(&lock_path)?;
         let selected = self.selected(pipeline, options);
         let externals = self.resolve_externals(pipeline, &selected);
         if options.locked {
@@ -590,6 +590,18 @@ fn check_locked(
         format!("--locked: external inputs differ from {}:\n  {}", lock_path.display(), differences.join("\n  ")),
         "restore the locked inputs, or run without --locked to accept the new ones and update the lock",
     ))
+}
+
+/// The lock file beside the pipeline; a broken one (say, merge conflict markers) makes
+/// the invocation invalid (exit 2), with the way out.
+pub(crate) fn read_lock(path: &std::path::Path) -> Result<Option<LockFile>, RunError> {
+    lockfile::read(path).map_err(|e| match e {
+        lockfile::LockError::Invalid { .. } => RunError::invalid(
+            e.to_string(),
+            "fix the file (e.g. resolve a merge conflict), or delete it: the next `rlhf run` writes a new one",
+        ),
+        other => RunError::Lock(other),
+    })
 }
 
 pub(crate) fn short(digest: &str) -> &str {

@@ -32,7 +32,7 @@ pub struct StageStatus {
 
 impl Engine<'_> {
     pub fn status(&self, pipeline: &Pipeline) -> Result<Vec<StageStatus>, RunError> {
-        let old_lock = lockfile::read(&lockfile::lock_path(&pipeline.file))?;
+        let old_lock = crate::run::read_lock(&lockfile::lock_path(&pipeline.file))?;
         let selected = self.selected(pipeline, &RunOptions::default());
         let externals = self.resolve_externals(pipeline, &selected);
         let mut produced: BTreeMap<(String, String), String> = BTreeMap::new();
