@@ -421,3 +421,32 @@ fn dpo_refuses_reference_logprobs_of_other_data() {
     let error = ws.run("dpo", params, &inputs, "d", "dpo").unwrap_err();
     assert!(error.contains("other data"), "{error}");
 }
+
+#[test]
+fn reward_model_learns_a_separable_preference() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    // Chosen replies are even answers, rejected odd: learnable from the last tokens alone.
+    let rows: Vec<Row> = (0..64)
+        .map(|i| Row {
+            prompt: Some(format!("Q: {i}+{i}=\nA:")),
+            chosen: Some(format!(" {}", 2 * i)),
+            rejected: Some(format!(" {}", 2 * i + 1)),
+            ..Row::default()
+        })
+        .collect();
+    let dir = ws.dir.path().join("data/even");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_rows(&dir, &rows).unwrap();
+    let inputs = vec![
+        ("model", ws.base(), ArtifactKind::Model),
+        ("data", dir.clone(), ArtifactKind::Dataset),
+        ("eval", dir.clone(), ArtifactKind::Dataset),
+    ];
+    let params = json!({ "model": "base", "data": "even", "eval": "even", "template": "{prompt}",
+                         "learning_rate": 3e-3, "batch_size": 16, "epochs": 8 });
+    let ran = ws.run("reward_model", params, &inputs, "r", "rm").unwrap();
+    let accuracy = ran.metrics["eval_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.9, "{:?}", ran.metrics);
+}

@@ -63,6 +63,11 @@ pub struct DpoParams {
     pub loss: DpoLossType,
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Adds `rpo_alpha` × the chosen replies' per-token negative log-likelihood to the
+    /// loss (RPO, Pang et al. 2024, arXiv:2404.19733; TRL `rpo_alpha`), which keeps DPO
+    /// from lowering the likelihood of the right answers.
+    #[serde(default)]
+    pub rpo_alpha: Option<f64>,
     #[serde(default)]
     pub template: Option<String>,
     #[serde(default)]
@@ -123,7 +128,7 @@ pub struct DpoStage;
 impl Stage for DpoStage {
     type Params = DpoParams;
     const KIND: &'static str = "dpo";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 1; // rpo_alpha is a new param with a neutral default
     const ABOUT: &'static str = "Direct Preference Optimisation (sigmoid, ipo, hinge) against precomputed reference log-probs";
 
     fn ports(params: &DpoParams) -> Result<Ports, PortsError> {
@@ -197,16 +202,15 @@ impl Stage for DpoStage {
             let refs: Vec<&EncodedPair> = indices.iter().map(|&i| &pairs[i]).collect();
             let batch = collate_pairs(&refs, pad);
             let n = indices.len();
-            let mut policy = reply_logprobs(&model, &batch, Some(rng))?; // (2n,)
+            let summed = reply_logprobs(&model, &batch, Some(rng))?; // (2n,)
+            let counts = Tensor::new(reply_token_counts(&batch), &Device::Cpu).or_fail("counts")?; // (2n,)
+            let per_token_logprobs = (&summed / &counts).or_fail("per-token log-probs")?; // (2n,)
             let pick =
                 |values: &[f32]| -> Vec<f32> { indices.iter().map(|&i| values[i]).collect() };
             let (mut ref_chosen, mut ref_rejected) =
                 (pick(&reference.chosen), pick(&reference.rejected));
-            if per_token {
+            let policy = if per_token {
                 // IPO compares per-token averages (TRL divides by the reply lengths).
-                let counts =
-                    Tensor::new(reply_token_counts(&batch), &Device::Cpu).or_fail("counts")?;
-                policy = (policy / counts).or_fail("per-token log-probs")?;
                 let (ct, rt) = (
                     pick(&reference.chosen_tokens),
                     pick(&reference.rejected_tokens),
@@ -219,7 +223,10 @@ impl Stage for DpoStage {
                     .iter_mut()
                     .zip(&rt)
                     .for_each(|(v, c)| *v /= c.max(1.0));
-            }
+                per_token_logprobs.clone()
+            } else {
+                summed
+            };
             let device = Device::Cpu;
             let output = dpo_loss(
                 &policy.narrow(0, 0, n).or_fail("split")?,
@@ -231,6 +238,17 @@ impl Stage for DpoStage {
                 params.label_smoothing,
             )
             .or_fail("DPO loss")?;
+            let mut loss = output.loss.clone();
+            if let Some(alpha) = params.rpo_alpha {
+                let chosen_nll = per_token_logprobs
+                    .narrow(0, 0, n)
+                    .or_fail("split")?
+                    .mean_all()
+                    .or_fail("nll")?
+                    .neg()
+                    .or_fail("nll")?;
+                loss = (loss + (chosen_nll * alpha).or_fail("rpo")?).or_fail("rpo")?;
+            }
             let mean = |t: &Tensor| -> Result<f64, StageError> {
                 Ok(t.mean_all()
                     .or_fail("mean")?
@@ -250,7 +268,7 @@ impl Stage for DpoStage {
                 ("margins", mean(&output.margins)?),
             ];
             Ok(MicroBatchOutput {
-                loss: output.loss,
+                loss,
                 tokens: batch.real_tokens(),
                 examples: n,
                 metrics,
