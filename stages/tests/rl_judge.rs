@@ -36,6 +36,8 @@ fn rule_judge_adds_the_substring_reward_and_subtracts_the_length_penalty() {
         min_chars: Some(2),
         max_chars: Some(3),
         length_penalty: 0.25,
+        numeric_tolerance: None,
+        numeric_reward: 1.0,
     };
     assert_eq!(judge.score(&row("17"), " 17"), 2.5);
     assert_eq!(judge.score(&row("17"), " 1"), -1.25, "too short");
@@ -74,4 +76,17 @@ fn step_prompts_cover_every_row_once_per_epoch_and_depend_only_on_seed_and_step(
     // Step 3 of 3 rows each spans the epoch boundary (rows 9, then the next epoch's first two).
     assert_eq!(step_prompts(rows, 3, 9, 3).len(), 3);
     assert_ne!(step_seed(9, 0), step_seed(9, 1));
+}
+
+#[test]
+fn rule_judge_gives_numeric_partial_credit_within_the_tolerance() {
+    let judge = RuleJudge {
+        numeric_tolerance: Some(10.0),
+        numeric_reward: 0.5,
+        ..RuleJudge::default()
+    };
+    assert_eq!(judge.score(&row("20"), " 20"), 1.0 + 0.5);
+    assert_eq!(judge.score(&row("20"), " 16"), 0.5 * 0.6);
+    assert_eq!(judge.score(&row("-3"), " 30"), 0.0, "beyond the tolerance");
+    assert_eq!(judge.score(&row("20"), " twenty"), 0.0, "not a number");
 }

@@ -43,6 +43,13 @@ pub struct RuleJudge {
     pub max_chars: Option<usize>,
     #[serde(default = "default_correct_reward")]
     pub length_penalty: f64,
+    /// Partial credit for numeric answers: adds `numeric_reward · max(0, 1 - |answer -
+    /// gold| / numeric_tolerance)` when both parse as numbers, a dense signal where exact
+    /// match alone is too sparse for a weak policy to learn from.
+    #[serde(default)]
+    pub numeric_tolerance: Option<f64>,
+    #[serde(default = "default_correct_reward")]
+    pub numeric_reward: f64,
 }
 
 fn default_true() -> bool {
@@ -63,6 +70,8 @@ impl Default for RuleJudge {
             min_chars: None,
             max_chars: None,
             length_penalty: 1.0,
+            numeric_tolerance: None,
+            numeric_reward: 1.0,
         }
     }
 }
@@ -82,6 +91,14 @@ impl RuleJudge {
         if let Some(needle) = &self.contains {
             if completion.contains(needle.as_str()) {
                 score += self.contains_reward;
+            }
+        }
+        if let Some(tolerance) = self.numeric_tolerance.filter(|t| *t > 0.0) {
+            let parsed = answer_text(completion).parse::<f64>().ok();
+            let gold = gold_answer(row).and_then(|g| g.trim().parse::<f64>().ok());
+            if let (Some(answer), Some(gold)) = (parsed, gold) {
+                let closeness = (1.0 - (answer - gold).abs() / tolerance).max(0.0);
+                score += self.numeric_reward * closeness;
             }
         }
         let length = answer_text(completion).chars().count();
