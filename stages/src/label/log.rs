@@ -157,8 +157,14 @@ pub struct Agreement {
 }
 
 pub fn agreement(state: &LabelState) -> Agreement {
+    agreement_on(state, |_| true)
+}
+
+/// [`agreement`] over the items `keep` accepts (e.g. the items of the current run, not
+/// those of an earlier policy still in the log).
+pub fn agreement_on(state: &LabelState, keep: impl Fn(&str) -> bool) -> Agreement {
     let (mut shared_items, mut comparisons, mut same_direction, mut same_choice) = (0, 0, 0, 0);
-    for labels in state.standing().values() {
+    for (_, labels) in state.standing().iter().filter(|(item, _)| keep(item)) {
         let prefs: Vec<i8> = labels.values().map(|l| l.preference).collect();
         if prefs.len() < 2 {
             continue;

@@ -3,7 +3,7 @@
 //! otherwise the standing labels become preference pairs with a strength and a margin.
 
 use super::items::{items_of_prompt, write_items, Item};
-use super::log::{agreement, LabelEvent, LabelState};
+use super::log::{agreement_on, LabelEvent, LabelState};
 use super::{items_path, HumanJudge};
 use crate::data::batch::shuffle;
 use crate::data::row::{write_rows, Row};
@@ -176,7 +176,16 @@ fn set_metrics(
     ctx.metrics.set("pairs", pairs.len() as u64);
     ctx.metrics.set("ties_dropped", ties as u64);
     ctx.metrics.set("labels", used as u64);
-    ctx.metrics.set("labellers", state.labellers().len() as u64);
+    let labellers: std::collections::BTreeSet<&str> = items
+        .iter()
+        .flat_map(|i| {
+            standing
+                .get(i.id.as_str())
+                .into_iter()
+                .flat_map(|l| l.keys().copied())
+        })
+        .collect();
+    ctx.metrics.set("labellers", labellers.len() as u64);
     ctx.metrics.set(
         "significantly",
         pairs
@@ -186,7 +195,8 @@ fn set_metrics(
     );
     let margin = pairs.iter().map(|p| p.margin).sum::<f64>() / pairs.len().max(1) as f64;
     ctx.metrics.set("mean_margin", margin);
-    let agreement = agreement(state);
+    let current: std::collections::BTreeSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    let agreement = agreement_on(state, |item| current.contains(item));
     ctx.metrics
         .set("agreement_comparisons", agreement.comparisons as u64);
     if let Some(direction) = agreement.direction {
@@ -194,5 +204,179 @@ fn set_metrics(
     }
     if let Some(exact) = agreement.exact {
         ctx.metrics.set("agreement_exact", exact);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::label::log::{Event, LabelLog, Side};
+    use rlhf_engine::metrics::MetricsSink;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        judge: HumanJudge,
+    }
+
+    impl Fixture {
+        fn new(labels_per_item: usize) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let labels = dir.path().join("labels/prefs.jsonl").display().to_string();
+            Fixture {
+                dir,
+                judge: HumanJudge {
+                    labels,
+                    labels_per_item,
+                },
+            }
+        }
+
+        /// Runs `finish` on two prompts with 2 completions each (one item per prompt).
+        fn finish(
+            &self,
+        ) -> (
+            Result<(), StageError>,
+            std::path::PathBuf,
+            serde_json::Map<String, serde_json::Value>,
+        ) {
+            let out = self.dir.path().join(format!("out{}", rand_suffix()));
+            std::fs::create_dir_all(&out).unwrap();
+            let mut ctx = StageContext::new(
+                "prefs",
+                "collect_preferences",
+                1,
+                self.dir.path().join("scratch"),
+                self.dir.path().join("log"),
+            )
+            .with_output("pairs", out.clone())
+            .with_metrics(MetricsSink::new(Some(out.clone()), None));
+            let rows: Vec<Row> = ["p1", "p2"]
+                .iter()
+                .map(|p| Row {
+                    prompt: Some(p.to_string()),
+                    ..Row::default()
+                })
+                .collect();
+            let completions = vec![
+                vec!["a1".to_string(), "b1".to_string()],
+                vec!["a2".to_string(), "b2".to_string()],
+            ];
+            let result = finish(&self.judge, true, &mut ctx, &rows, completions);
+            (result, out, ctx.metrics.summary().clone())
+        }
+
+        fn label(&self, item: &Item, labeller: &str, preference: i8) {
+            let mut log = LabelLog::open(Path::new(&self.judge.labels)).unwrap();
+            let event = LabelEvent {
+                item: item.id.clone(),
+                labeller: labeller.into(),
+                choice: 3,
+                a_is: Side::First,
+                preference,
+                comment: None,
+                unix_ms: 0,
+            };
+            log.append(Event::Label(event)).unwrap();
+        }
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    }
+
+    #[test]
+    fn without_labels_the_stage_waits_and_writes_the_items_to_label() {
+        let fixture = Fixture::new(1);
+        let (result, _, _) = fixture.finish();
+        match result {
+            Err(StageError::Waiting { message }) => {
+                assert!(
+                    message.starts_with("waiting for 2 labels (0 of 2 pairs done"),
+                    "{message}"
+                );
+                assert!(
+                    message.contains("rlhf label <pipeline> --stage prefs"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected Waiting, got {other:?}"),
+        }
+        let items =
+            crate::label::items::read_items(&items_path(Path::new(&fixture.judge.labels))).unwrap();
+        assert_eq!(
+            items,
+            vec![Item::new("p1", "a1", "b1"), Item::new("p2", "a2", "b2")]
+        );
+    }
+
+    #[test]
+    fn each_item_needs_labels_per_item_distinct_labellers() {
+        let fixture = Fixture::new(2);
+        let items = [Item::new("p1", "a1", "b1"), Item::new("p2", "a2", "b2")];
+        fixture.label(&items[0], "ann", 2);
+        fixture.label(&items[1], "ann", -1);
+        fixture.label(&items[0], "bob", 1);
+        let (result, _, _) = fixture.finish();
+        assert!(
+            matches!(&result, Err(StageError::Waiting { message }) if message.starts_with("waiting for 1 labels (1 of 2")),
+            "{result:?}"
+        );
+        fixture.label(&items[1], "bob", 1); // disagrees with ann: mean 0, a tie
+        let (result, out, metrics) = fixture.finish();
+        result.unwrap();
+        let pairs: Vec<HumanPair> = std::fs::read_to_string(out.join("pairs.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(pairs.len(), 1);
+        let pair = &pairs[0];
+        assert_eq!((pair.chosen.as_str(), pair.rejected.as_str()), ("a1", "b1"));
+        assert_eq!(
+            (pair.strength.as_str(), pair.margin),
+            ("significantly", 1.5)
+        );
+        assert_eq!(pair.labellers, vec!["ann".to_string(), "bob".to_string()]);
+        let rows = crate::data::row::read_rows(&out).unwrap();
+        assert_eq!(
+            rows[0].margin,
+            Some(1.5),
+            "the dataset row carries the margin for the reward model"
+        );
+        assert_eq!(metrics["ties_dropped"], serde_json::json!(1));
+        assert_eq!(metrics["agreement"], serde_json::json!(0.5));
+        assert_eq!(metrics["agreement_exact"], serde_json::json!(0.0));
+    }
+
+    #[test]
+    fn a_negative_preference_chooses_the_second_completion_slightly() {
+        let fixture = Fixture::new(1);
+        fixture.label(&Item::new("p1", "a1", "b1"), "ann", -1);
+        fixture.label(&Item::new("p2", "a2", "b2"), "ann", 2);
+        fixture.label(&Item::new("p0", "old", "stale"), "ann", 2); // an item of an earlier run
+        let (result, out, metrics) = fixture.finish();
+        result.unwrap();
+        let pairs: Vec<HumanPair> = std::fs::read_to_string(out.join("pairs.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            (
+                pairs[0].chosen.as_str(),
+                pairs[0].strength.as_str(),
+                pairs[0].margin
+            ),
+            ("b1", "slightly", 1.0)
+        );
+        assert_eq!(pairs[0].judge, "human");
+        assert_eq!(
+            metrics["labels"],
+            serde_json::json!(2),
+            "labels of items no longer sampled do not count"
+        );
     }
 }
