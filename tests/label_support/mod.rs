@@ -31,11 +31,16 @@ pub fn browser_available() -> bool {
 
 /// One HTTP exchange: (status, headers, body). `Connection: close`, body read to EOF.
 pub fn http(method: &str, port: u16, path: &str, body: Option<&str>) -> (u16, String, String) {
+    let headers = format!("Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n");
+    http_with(method, port, path, &headers, body.unwrap_or(""))
+}
+
+/// Like [`http`] with the given header lines (each ending in CRLF) instead of the defaults.
+pub fn http_with(method: &str, port: u16, path: &str, headers: &str, body: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.unwrap_or("");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).unwrap();
