@@ -8,6 +8,8 @@
 //!   prompts: rl_prompts               # rows with `prompt` (+ `answer` for the rule judge)
 //!   judge: { kind: rule, exact_match: true }   # or { kind: reward_model, model: rm }
 //!                                               # or { kind: file, labels: labels.jsonl }
+//!                                               # or { kind: human, labels: labels/prefs.jsonl }
+//!                                               #   (people label on `rlhf label`; crate::label)
 //!   completions_per_prompt: 4
 //!   pairing: best_vs_worst            # or all_pairs, random
 //!   max_new_tokens: 8
