@@ -88,7 +88,7 @@ pub fn finish(
             None => ties += 1,
         }
     }
-    write_pairs(&ctx.output_dir("pairs")?.to_path_buf(), &pairs)?;
+    write_pairs(ctx.output_dir("pairs")?, &pairs)?;
     set_metrics(ctx, rows.len(), &items, &pairs, ties, &state);
     eprintln!(
         "{}: {} pairs from {} labelled items, {ties} judged about the same",
