@@ -57,7 +57,7 @@ pub fn finish(
     let labels_path = Path::new(&judge.labels);
     let items_file = items_path(labels_path);
     write_items(&items_file, &items).or_fail("writing the items to label")?;
-    let state = LabelState::read(labels_path).or_fail("reading the labels")?;
+    let state = labels_as_keyed(ctx)?;
     let standing = state.standing();
     let needed = judge.labels_per_item.max(1);
     let missing: usize = items
@@ -97,6 +97,36 @@ pub fn finish(
         items.len()
     );
     Ok(())
+}
+
+/// The labels the stage key was computed from. The log only grows, so if labels were given
+/// while this run was going, its prefix with the keyed digest is what counts: the output
+/// stays a function of the key. No declared input (the file did not exist when the run
+/// was planned) means no labels.
+fn labels_as_keyed(ctx: &StageContext) -> Result<LabelState, StageError> {
+    let Some(input) = ctx.inputs().get("labels") else {
+        return Ok(LabelState::default());
+    };
+    let bytes = std::fs::read(&input.path).map_err(|e| StageError::io(&input.path, e))?;
+    let line_ends = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .map(|(i, _)| i + 1);
+    let mut ends: Vec<usize> = std::iter::once(bytes.len())
+        .chain(line_ends.rev())
+        .collect();
+    ends.push(0);
+    let keyed = ends
+        .into_iter()
+        .find(|&end| blake3::hash(&bytes[..end]).to_hex().as_str() == input.digest);
+    match keyed {
+        Some(end) => Ok(LabelState::from_text(&String::from_utf8_lossy(&bytes[..end]))),
+        None => Err(StageError::failed_with_hint(
+            format!("{} changed during the run and is no longer the file the stage key was computed from", input.path.display()),
+            "labels files are append-only; run `rlhf run` again",
+        )),
+    }
 }
 
 /// The item's pair by the labellers' mean preference; `None` when it is zero (a tie).
@@ -212,6 +242,7 @@ mod tests {
     use super::*;
     use crate::label::log::{Event, LabelLog, Side};
     use rlhf_engine::metrics::MetricsSink;
+    use rlhf_engine::InputArtifact;
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -250,6 +281,19 @@ mod tests {
             )
             .with_output("pairs", out.clone())
             .with_metrics(MetricsSink::new(Some(out.clone()), None));
+            // As the engine plans a run: the labels file, if it exists, is an input keyed by
+            // the digest of its bytes.
+            let labels = Path::new(&self.judge.labels);
+            if let Ok(bytes) = std::fs::read(labels) {
+                let digest = blake3::hash(&bytes).to_hex().to_string();
+                let input = InputArtifact {
+                    path: labels.to_path_buf(),
+                    kind: None,
+                    digest,
+                    reference: self.judge.labels.clone(),
+                };
+                ctx = ctx.with_input("labels", input);
+            }
             let rows: Vec<Row> = ["p1", "p2"]
                 .iter()
                 .map(|p| Row {
@@ -377,6 +421,62 @@ mod tests {
             metrics["labels"],
             serde_json::json!(2),
             "labels of items no longer sampled do not count"
+        );
+    }
+}
+
+#[cfg(test)]
+mod keyed_tests {
+    use super::*;
+    use rlhf_engine::InputArtifact;
+
+    fn context_with(path: &Path, digest: String) -> StageContext {
+        let input = InputArtifact {
+            path: path.to_path_buf(),
+            kind: None,
+            digest,
+            reference: "l.jsonl".into(),
+        };
+        StageContext::new(
+            "prefs",
+            "collect_preferences",
+            1,
+            path.with_extension("s"),
+            path.with_extension("l"),
+        )
+        .with_input("labels", input)
+    }
+
+    #[test]
+    fn labels_appended_after_the_key_was_computed_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.jsonl");
+        let first = r#"{"event":"label","item":"i1","labeller":"ann","choice":1,"a_is":"first","preference":2,"unix_ms":0}"#;
+        let later = r#"{"event":"label","item":"i2","labeller":"ann","choice":1,"a_is":"first","preference":2,"unix_ms":0}"#;
+        let keyed = blake3::hash(format!("{first}\n").as_bytes())
+            .to_hex()
+            .to_string();
+        std::fs::write(&path, format!("{first}\n{later}\n")).unwrap();
+        let state = labels_as_keyed(&context_with(&path, keyed)).unwrap();
+        assert_eq!(
+            state.labelled_by("ann").into_iter().collect::<Vec<_>>(),
+            vec!["i1"]
+        );
+        let rewritten = labels_as_keyed(&context_with(&path, "0".repeat(64)));
+        assert!(
+            matches!(rewritten, Err(StageError::Failed { .. })),
+            "a file that is not an extension of the keyed one fails"
+        );
+        let undeclared = StageContext::new(
+            "prefs",
+            "collect_preferences",
+            1,
+            dir.path().join("s"),
+            dir.path().join("l"),
+        );
+        assert!(
+            labels_as_keyed(&undeclared).unwrap().labellers().is_empty(),
+            "no declared input: no labels"
         );
     }
 }
