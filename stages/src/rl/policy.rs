@@ -47,6 +47,27 @@ pub fn load_policy(
     })
 }
 
+/// A policy loaded for sampling only: base + adapter, frozen (a model or an adapter input).
+pub struct FrozenPolicy {
+    pub codec: TextCodec,
+    pub model: CausalLm,
+}
+
+/// Loads input `name` for sampling without training it. Unlike [`load_policy`] with no
+/// `lora`, this accepts an adapter input (an SFT adapter is the usual sampler) and keeps
+/// no trainable copy of the weights.
+pub fn load_frozen_policy(
+    ctx: &StageContext,
+    name: &str,
+    template: Option<&str>,
+    add_bos: bool,
+) -> Result<FrozenPolicy, StageError> {
+    let input = resolve_model_input(ctx, name)?;
+    let codec = TextCodec::load(&input, template, add_bos, usize::MAX / 2)?;
+    let model = input.load_frozen()?;
+    Ok(FrozenPolicy { codec, model })
+}
+
 /// The prompt token ids of `rows` (the template's prompt, as generation starts from it).
 pub fn encode_prompts(codec: &TextCodec, rows: &[Row]) -> Result<Vec<Vec<u32>>, StageError> {
     let encoder = codec.encoder();
