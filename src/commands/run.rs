@@ -53,6 +53,9 @@ pub fn run(file: &Path, overrides: &[String], cache_dir: &Path, options: &RunOpt
         count(Outcome::Skipped),
         if options.verify { format!(", {} verified, {} mismatched", count(Outcome::Verified), count(Outcome::Mismatch)) } else { String::new() }
     );
+    for stage in report.stages.iter().filter(|s| s.kind == "evaluate" && matches!(s.status, Outcome::Ran | Outcome::Cached | Outcome::Verified)) {
+        eprint!("{}", evaluation_table(&stage.stage, &stage.metrics));
+    }
     for stage in report.stages.iter().filter(|s| matches!(s.status, Outcome::Failed | Outcome::Mismatch | Outcome::Waiting)) {
         print_error(
             &format!("stage `{}`: {}", stage.stage, stage.message.clone().unwrap_or_default()),
@@ -60,4 +63,39 @@ pub fn run(file: &Path, overrides: &[String], cache_dir: &Path, options: &RunOpt
         );
     }
     report.exit_code()
+}
+
+/// The metrics of an evaluate stage (`{model: {metric: value}}`) as a text table: one row
+/// per model, one column per metric (`-` where a model lacks one). Empty when there is
+/// nothing to show.
+pub fn evaluation_table(stage: &str, metrics: &serde_json::Value) -> String {
+    let Some(models) = metrics.as_object() else { return String::new() };
+    let rows: Vec<(&String, &serde_json::Map<String, serde_json::Value>)> =
+        models.iter().filter_map(|(name, value)| value.as_object().map(|m| (name, m))).collect();
+    let mut columns: Vec<&String> = Vec::new();
+    for (_, values) in &rows {
+        for (name, value) in values.iter() {
+            if value.is_number() && !columns.contains(&name) {
+                columns.push(name);
+            }
+        }
+    }
+    if rows.is_empty() || columns.is_empty() {
+        return String::new();
+    }
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(5).max(5);
+    let mut text = format!("\nevaluation `{stage}`\n{:<width$}", "model");
+    for column in &columns {
+        text.push_str(&format!("  {column:>12}"));
+    }
+    text.push('\n');
+    for (name, values) in &rows {
+        text.push_str(&format!("{name:<width$}"));
+        for column in &columns {
+            let cell = values.get(*column).and_then(|v| v.as_f64()).map_or("-".to_string(), |v| format!("{v:.4}"));
+            text.push_str(&format!("  {cell:>12}"));
+        }
+        text.push('\n');
+    }
+    text
 }
