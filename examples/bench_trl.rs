@@ -42,7 +42,11 @@ fn options() -> Result<Options, String> {
             "--quick" => options.quick = true,
             "--trl" => options.trl = args.next().ok_or("--trl needs a folder")?.into(),
             "--cache" => options.cache = Some(args.next().ok_or("--cache needs a folder")?.into()),
-            other => return Err(format!("unknown argument `{other}` (expected --quick, --trl DIR, --cache DIR)")),
+            other => {
+                return Err(format!(
+                    "unknown argument `{other}` (expected --quick, --trl DIR, --cache DIR)"
+                ))
+            }
         }
     }
     Ok(options)
@@ -51,18 +55,23 @@ fn options() -> Result<Options, String> {
 /// `target/release/rlhf`, beside `target/release/examples/bench_trl`.
 fn rlhf_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = exe.parent().and_then(Path::parent).ok_or("cannot locate target dir")?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("cannot locate target dir")?;
     let binary = dir.join("rlhf");
-    binary
-        .exists()
-        .then_some(binary.clone())
-        .ok_or(format!("{} not found; run `cargo build --release` first", binary.display()))
+    binary.exists().then_some(binary.clone()).ok_or(format!(
+        "{} not found; run `cargo build --release` first",
+        binary.display()
+    ))
 }
 
 /// Runs the pipeline; returns the `--json` stage lines.
 fn run_pipeline(options: &Options, cache: &Path) -> Result<Vec<Json>, String> {
     let mut command = Command::new(rlhf_binary()?);
-    command.args(["run", "bench/bench_trl.yaml", "--json", "--cache-dir"]).arg(cache);
+    command
+        .args(["run", "bench/bench_trl.yaml", "--json", "--cache-dir"])
+        .arg(cache);
     if options.quick {
         for set in QUICK {
             command.args(["--set", set]);
@@ -72,7 +81,10 @@ fn run_pipeline(options: &Options, cache: &Path) -> Result<Vec<Json>, String> {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         command.env("RAYON_NUM_THREADS", "2");
     }
-    let output = command.stderr(Stdio::inherit()).output().map_err(|e| e.to_string())?;
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
     if !output.status.success() {
         return Err(format!("rlhf run failed ({})", output.status));
     }
@@ -116,8 +128,17 @@ struct Figure {
 }
 
 /// Training stages: the summary line (`train_seconds`, `train_*_per_second`) at the end.
-fn train_figures(lines: &[Json], stage: &'static str, trl_json: &Json, unit: &'static str) -> Vec<Figure> {
-    let Some(summary) = lines.iter().rev().find(|l| l.get("train_seconds").is_some()) else {
+fn train_figures(
+    lines: &[Json],
+    stage: &'static str,
+    trl_json: &Json,
+    unit: &'static str,
+) -> Vec<Figure> {
+    let Some(summary) = lines
+        .iter()
+        .rev()
+        .find(|l| l.get("train_seconds").is_some())
+    else {
         return Vec::new();
     };
     let steps = number(summary, "step");
@@ -131,11 +152,26 @@ fn train_figures(lines: &[Json], stage: &'static str, trl_json: &Json, unit: &'s
     }];
     let trl_rate = |name: &str| number(trl_json, name);
     let (ours_rate, trl_rate_value) = match unit {
-        "tokens/s" => (number(summary, "train_tokens_per_second"), trl_rate("tokens_per_second")),
-        "examples/s" => (number(summary, "train_examples_per_second"), trl_rate("examples_per_second")),
-        _ => (number(summary, "train_examples_per_second"), trl_rate("pairs_per_second")),
+        "tokens/s" => (
+            number(summary, "train_tokens_per_second"),
+            trl_rate("tokens_per_second"),
+        ),
+        "examples/s" => (
+            number(summary, "train_examples_per_second"),
+            trl_rate("examples_per_second"),
+        ),
+        _ => (
+            number(summary, "train_examples_per_second"),
+            trl_rate("pairs_per_second"),
+        ),
     };
-    figures.push(Figure { stage, unit, ours: ours_rate, trl: trl_rate_value, higher_is_better: true });
+    figures.push(Figure {
+        stage,
+        unit,
+        ours: ours_rate,
+        trl: trl_rate_value,
+        higher_is_better: true,
+    });
     if unit != "tokens/s" {
         figures.push(Figure {
             stage,
@@ -149,8 +185,16 @@ fn train_figures(lines: &[Json], stage: &'static str, trl_json: &Json, unit: &'s
 }
 
 /// RL stages: per-step lines with `seconds`, `generation_seconds`, `generated_tokens_per_second`.
-fn rl_figures(lines: &[Json], stage: &'static str, trl_json: &Json, rollouts_per_step: f64) -> Vec<Figure> {
-    let steps: Vec<&Json> = lines.iter().filter(|l| l.get("generation_seconds").is_some()).collect();
+fn rl_figures(
+    lines: &[Json],
+    stage: &'static str,
+    trl_json: &Json,
+    rollouts_per_step: f64,
+) -> Vec<Figure> {
+    let steps: Vec<&Json> = lines
+        .iter()
+        .filter(|l| l.get("generation_seconds").is_some())
+        .collect();
     if steps.is_empty() {
         return Vec::new();
     }
@@ -191,7 +235,11 @@ fn print_table(figures: &[Figure]) {
     println!("| stage | unit | rlhf | TRL | speed-up |");
     println!("|---|---|---:|---:|---:|");
     for f in figures {
-        let ratio = if f.higher_is_better { f.ours / f.trl } else { f.trl / f.ours };
+        let ratio = if f.higher_is_better {
+            f.ours / f.trl
+        } else {
+            f.trl / f.ours
+        };
         println!(
             "| {} | {} | {:.3} | {:.3} | {:.2}× |",
             f.stage, f.unit, f.ours, f.trl, ratio
@@ -209,7 +257,10 @@ fn main() {
 fn run() -> Result<(), String> {
     let options = options()?;
     let temporary = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let cache = options.cache.clone().unwrap_or_else(|| temporary.path().to_path_buf());
+    let cache = options
+        .cache
+        .clone()
+        .unwrap_or_else(|| temporary.path().to_path_buf());
     let stages = run_pipeline(&options, &cache)?;
     let key_of = |name: &str| {
         stages
@@ -220,17 +271,54 @@ fn run() -> Result<(), String> {
     };
     let lines = |name: &str| timings(&cache, &key_of(name));
     let mut figures = Vec::new();
-    figures.extend(train_figures(&lines("pretrain"), "pretrain", &trl(&options, "step1_pretrain"), "tokens/s"));
-    figures.extend(train_figures(&lines("sft"), "sft", &trl(&options, "step2_sft"), "examples/s"));
-    figures.extend(train_figures(&lines("rm"), "reward_model", &trl(&options, "step3_reward"), "pairs/s"));
-    figures.extend(train_figures(&lines("dpo"), "dpo", &trl(&options, "step4_dpo"), "pairs/s"));
-    figures.extend(rl_figures(&lines("grpo"), "grpo", &trl(&options, "step5_grpo"), 64.0));
-    figures.extend(rl_figures(&lines("ppo"), "ppo", &trl(&options, "step6_ppo"), 64.0));
+    figures.extend(train_figures(
+        &lines("pretrain"),
+        "pretrain",
+        &trl(&options, "step1_pretrain"),
+        "tokens/s",
+    ));
+    figures.extend(train_figures(
+        &lines("sft"),
+        "sft",
+        &trl(&options, "step2_sft"),
+        "examples/s",
+    ));
+    figures.extend(train_figures(
+        &lines("rm"),
+        "reward_model",
+        &trl(&options, "step3_reward"),
+        "pairs/s",
+    ));
+    figures.extend(train_figures(
+        &lines("dpo"),
+        "dpo",
+        &trl(&options, "step4_dpo"),
+        "pairs/s",
+    ));
+    figures.extend(rl_figures(
+        &lines("grpo"),
+        "grpo",
+        &trl(&options, "step5_grpo"),
+        64.0,
+    ));
+    figures.extend(rl_figures(
+        &lines("ppo"),
+        "ppo",
+        &trl(&options, "step6_ppo"),
+        64.0,
+    ));
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "rlhf vs TRL on BENCH.md ({}; load average now {})",
-        if options.quick { "--quick: fewer steps" } else { "full settings" },
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        if options.quick {
+            "--quick: fewer steps"
+        } else {
+            "full settings"
+        },
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     print_table(&figures);
     Ok(())
