@@ -26,9 +26,11 @@
 //! Determinism: the data order of epoch `e` is a function of (stage seed, e); LoRA
 //! dropout of optimiser step `s` draws from ChaCha8(seed, stream s). Both are functions of
 //! the step count, so a checkpoint only needs the weights, the optimiser state, the step
-//! and the metric lines written so far. Checked: a tiny sft run gives the same adapter
-//! digest with RAYON_NUM_THREADS=1 and 2 (candle's CPU matmul splits output blocks, not
-//! the reduction, across threads); the kill-and-resume test checks resumed = uninterrupted.
+//! and the metric lines written so far. Checked: sft gives the same adapter digest with
+//! RAYON_NUM_THREADS=1 and 2 (a tiny model, and 8 steps on the BENCH.md model with
+//! candle's element-wise pool at 1 and 2 threads): candle's CPU matmul splits output
+//! blocks, not the reduction, across threads. The kill-and-resume test checks resumed =
+//! uninterrupted.
 //!
 //! Speed: candle's element-wise ops run on a spinning barrier pool (CANDLE_NUM_THREADS,
 //! default = RAYON_NUM_THREADS). On a loaded 2-core machine the spinning costs 2× or more
