@@ -25,7 +25,10 @@ fn rlhf(bin: &str, dir: &Path, args: &[&str]) -> (Duration, String) {
     let elapsed = started.elapsed();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "rlhf {args:?} failed:\n{stderr}");
-    (elapsed, stderr.lines().last().unwrap_or_default().to_string())
+    (
+        elapsed,
+        stderr.lines().last().unwrap_or_default().to_string(),
+    )
 }
 
 fn write_big_file(path: &Path) {
@@ -64,14 +67,21 @@ fn main() {
     .expect("write pipeline");
     // Files written within the stat cache's racy window are hashed again on purpose.
     std::thread::sleep(Duration::from_millis(2500));
-    let report =
-        |what: &str, (time, summary): (Duration, String)| println!("{what:<44} {:>9.1} ms   ({summary})", time.as_secs_f64() * 1e3);
+    let report = |what: &str, (time, summary): (Duration, String)| {
+        println!(
+            "{what:<44} {:>9.1} ms   ({summary})",
+            time.as_secs_f64() * 1e3
+        )
+    };
     report(
         "first run (hashes 2 GiB, runs the stage):",
         rlhf(&bin, dir.path(), &["run", "p.yaml"]),
     );
     for i in 0..3 {
-        report(&format!("cached rerun #{}:", i + 1), rlhf(&bin, dir.path(), &["run", "p.yaml"]));
+        report(
+            &format!("cached rerun #{}:", i + 1),
+            rlhf(&bin, dir.path(), &["run", "p.yaml"]),
+        );
     }
     let touched = Command::new("touch").arg(&data).status().expect("touch");
     assert!(touched.success());
@@ -80,5 +90,8 @@ fn main() {
         "rerun after touch (rehash, stage cached):",
         rlhf(&bin, dir.path(), &["run", "p.yaml"]),
     );
-    report("cached rerun after that:", rlhf(&bin, dir.path(), &["run", "p.yaml"]));
+    report(
+        "cached rerun after that:",
+        rlhf(&bin, dir.path(), &["run", "p.yaml"]),
+    );
 }

@@ -64,7 +64,10 @@ fn main() {
     std::fs::write(dir.path().join("p.yaml"), pipeline()).expect("write pipeline");
     let first = rlhf(&bin, dir.path(), &["run", "p.yaml"]);
     println!("binary: {bin}");
-    println!("first run, 200 stages executed:      {:>9.1} ms", first.as_secs_f64() * 1e3);
+    println!(
+        "first run, 200 stages executed:      {:>9.1} ms",
+        first.as_secs_f64() * 1e3
+    );
     let status = median(&bin, dir.path(), &["status", "p.yaml"]);
     println!(
         "rlhf status, all 200 cached (median of {RUNS}): {:>9.1} ms",
@@ -76,5 +79,8 @@ fn main() {
         rerun.as_secs_f64() * 1e3
     );
     let validate = median(&bin, dir.path(), &["validate", "p.yaml"]);
-    println!("rlhf validate (parse + check, no cache):  {:>9.1} ms", validate.as_secs_f64() * 1e3);
+    println!(
+        "rlhf validate (parse + check, no cache):  {:>9.1} ms",
+        validate.as_secs_f64() * 1e3
+    );
 }

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "rlhf", version, about = "Run RLHF recipes written as YAML pipelines: a cached, content-addressed DAG of stages")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "Run RLHF recipes written as YAML pipelines: a cached, content-addressed DAG of stages"
+)]
 struct Cli {
     /// Cache folder (default: .rlhf in the working directory).
     #[arg(long, global = true, env = "RLHF_CACHE_DIR", value_name = "DIR")]
@@ -98,7 +102,11 @@ enum Command {
         pipeline: PipelineArgs,
         stage: String,
         /// The raw prompt (the model's template is applied to it).
-        #[arg(long, required_unless_present = "interactive", conflicts_with = "interactive")]
+        #[arg(
+            long,
+            required_unless_present = "interactive",
+            conflicts_with = "interactive"
+        )]
         prompt: Option<String>,
         /// Read prompts from stdin, one per line, until EOF.
         #[arg(long)]
@@ -174,7 +182,10 @@ fn main() -> ExitCode {
     }
     restore_default_sigpipe();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RLHF_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RLHF_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = match Cli::try_parse() {
@@ -186,7 +197,16 @@ fn main() -> ExitCode {
     };
     let cache_dir = cli.cache_dir.unwrap_or_else(|| PathBuf::from(".rlhf"));
     let code = match cli.command {
-        Command::Run { pipeline, force, until, keep_going, locked, verify, threads, json } => {
+        Command::Run {
+            pipeline,
+            force,
+            until,
+            keep_going,
+            locked,
+            verify,
+            threads,
+            json,
+        } => {
             let options = rlhf_engine::run::RunOptions {
                 force: force.into_iter().collect(),
                 until,
@@ -198,19 +218,66 @@ fn main() -> ExitCode {
             };
             commands::run::run(&pipeline.file, &pipeline.set, &cache_dir, &options, json)
         }
-        Command::Status { pipeline, json } => commands::status::status(&pipeline.file, &pipeline.set, &cache_dir, json),
-        Command::Dag { pipeline, format } => commands::inspect::dag(&pipeline.file, &pipeline.set, format_name(format)),
-        Command::Validate { pipeline } => commands::inspect::validate(&pipeline.file, &pipeline.set),
+        Command::Status { pipeline, json } => {
+            commands::status::status(&pipeline.file, &pipeline.set, &cache_dir, json)
+        }
+        Command::Dag { pipeline, format } => {
+            commands::inspect::dag(&pipeline.file, &pipeline.set, format_name(format))
+        }
+        Command::Validate { pipeline } => {
+            commands::inspect::validate(&pipeline.file, &pipeline.set)
+        }
         Command::Schema => commands::inspect::schema(),
-        Command::Show { pipeline, stage, json } => commands::status::show(&pipeline.file, &pipeline.set, &cache_dir, &stage, json),
-        Command::Report { pipeline, output } => commands::report::report(&pipeline.file, &pipeline.set, &cache_dir, output.as_deref()),
-        Command::Generate { pipeline, stage, prompt, interactive, max_new_tokens, temperature, top_k, top_p, seed } => {
-            let options = commands::generate::GenerateOptions { prompt, interactive, max_new_tokens, temperature, top_k, top_p, seed };
-            commands::generate::generate(&pipeline.file, &pipeline.set, &cache_dir, &stage, &options)
+        Command::Show {
+            pipeline,
+            stage,
+            json,
+        } => commands::status::show(&pipeline.file, &pipeline.set, &cache_dir, &stage, json),
+        Command::Report { pipeline, output } => {
+            commands::report::report(&pipeline.file, &pipeline.set, &cache_dir, output.as_deref())
         }
-        Command::Label { pipeline, stage, port, labeller } => {
-            commands::label::label(&pipeline.file, &pipeline.set, &commands::label::LabelOptions { stage, port, labeller })
+        Command::Generate {
+            pipeline,
+            stage,
+            prompt,
+            interactive,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } => {
+            let options = commands::generate::GenerateOptions {
+                prompt,
+                interactive,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
+            commands::generate::generate(
+                &pipeline.file,
+                &pipeline.set,
+                &cache_dir,
+                &stage,
+                &options,
+            )
         }
+        Command::Label {
+            pipeline,
+            stage,
+            port,
+            labeller,
+        } => commands::label::label(
+            &pipeline.file,
+            &pipeline.set,
+            &commands::label::LabelOptions {
+                stage,
+                port,
+                labeller,
+            },
+        ),
         Command::Cache { command } => match command {
             CacheCommand::Ls { json } => commands::cache::ls(&cache_dir, json),
             CacheCommand::Gc { apply, json } => commands::cache::gc(&cache_dir, apply, json),
@@ -232,7 +299,11 @@ fn default_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
 }
 
 /// Rust ignores SIGPIPE, so `rlhf schema | head` would panic on the closed pipe; like

@@ -19,18 +19,28 @@ fn refused(text: &str, args: &[&str]) -> String {
     assert!(run.stdout.is_empty(), "nothing runs: {}", run.stdout);
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     assert_eq!(project.records(), 0, "nothing is written to the cache");
-    assert!(!project.cache().join("v1/objects").exists() || std::fs::read_dir(project.cache().join("v1/objects")).unwrap().count() == 0);
+    assert!(
+        !project.cache().join("v1/objects").exists()
+            || std::fs::read_dir(project.cache().join("v1/objects"))
+                .unwrap()
+                .count()
+                == 0
+    );
     assert!(!project.path("p.lock").exists(), "no lock file is written");
     project.filter(&run.stderr)
 }
 
 const OK_STAGE: &str = "  a: { kind: command, run: [sh, -c, 'echo a > {out}/f'], outputs: [f] }\n";
-const SPLIT: &str = "  d: { kind: dataset, source: data.jsonl, split: { train: 0.5, eval: 0.5 } }\n";
+const SPLIT: &str =
+    "  d: { kind: dataset, source: data.jsonl, split: { train: 0.5, eval: 0.5 } }\n";
 
 #[test]
 fn unknown_key_in_a_stage_suggests_the_nearest_key() {
     assert_eq!(
-        refused("stages:\n  a: { kind: command, run: [echo], output: [x] }\n", &[]),
+        refused(
+            "stages:\n  a: { kind: command, run: [echo], output: [x] }\n",
+            &[]
+        ),
         "error: p.yaml:2:36: unknown key `output` in stage `a` (kind `command`)
   expected: one of `run`, `inputs`, `params`, `env`, `outputs`, `artifact`
   hint: did you mean `outputs`?
@@ -50,12 +60,21 @@ fn wrong_type_names_what_was_expected() {
 
 #[test]
 fn unknown_kind_suggests_the_nearest_kind() {
-    let stderr = refused("stages:\n  a: { kind: comand, run: [echo], outputs: [x] }\n", &[]);
+    let stderr = refused(
+        "stages:\n  a: { kind: comand, run: [echo], outputs: [x] }\n",
+        &[],
+    );
     // The list of kinds grows as kinds land; the line itself is what matters.
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 3, "{stderr}");
-    assert_eq!(lines[0], "error: p.yaml:2:14: unknown stage kind `comand` in stage `a`");
-    assert!(lines[1].starts_with("  expected: one of `") && lines[1].contains("`command`, `dataset`"), "{stderr}");
+    assert_eq!(
+        lines[0],
+        "error: p.yaml:2:14: unknown stage kind `comand` in stage `a`"
+    );
+    assert!(
+        lines[1].starts_with("  expected: one of `") && lines[1].contains("`command`, `dataset`"),
+        "{stderr}"
+    );
     assert_eq!(lines[2], "  hint: did you mean `command`?");
 }
 
@@ -109,9 +128,21 @@ fn duplicate_stage_names_are_refused() {
 
 #[test]
 fn cycle_names_the_stages_in_order() {
-    let stage = |name: &str, reads: &str| format!("  {name}: {{ kind: command, run: [echo], outputs: [x], inputs: {{ m: {reads} }} }}\n");
+    let stage = |name: &str, reads: &str| {
+        format!(
+            "  {name}: {{ kind: command, run: [echo], outputs: [x], inputs: {{ m: {reads} }} }}\n"
+        )
+    };
     assert_eq!(
-        refused(&format!("stages:\n{}{}{}", stage("a", "c"), stage("b", "a"), stage("c", "b")), &[]),
+        refused(
+            &format!(
+                "stages:\n{}{}{}",
+                stage("a", "c"),
+                stage("b", "a"),
+                stage("c", "b")
+            ),
+            &[]
+        ),
         "error: p.yaml:2:3: the stages form a cycle: a → b → c → a
   hint: a stage cannot depend on its own output, directly or through other stages
 "
@@ -154,7 +185,10 @@ fn set_with_a_wrong_type_is_refused_like_the_file() {
 fn billion_laughs_is_refused() {
     let mut text = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
     for i in 1..10 {
-        text.push_str(&format!("a{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 9].join(", ")));
+        text.push_str(&format!(
+            "a{i}: &a{i} [{}]\n",
+            vec![format!("*a{}", i - 1); 9].join(", ")
+        ));
     }
     text.push_str(&format!("stages:\n{OK_STAGE}"));
     assert_eq!(
@@ -175,7 +209,10 @@ fn deep_nesting_is_refused() {
 #[test]
 fn huge_file_is_refused() {
     let line = "  s: { kind: command, run: [echo, xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx], outputs: [x] }\n";
-    let text = format!("stages:\n{}", line.repeat(10 * 1024 * 1024 / line.len() + 1));
+    let text = format!(
+        "stages:\n{}",
+        line.repeat(10 * 1024 * 1024 / line.len() + 1)
+    );
     let stderr = refused(&text, &[]);
     assert!(stderr.starts_with("error: p.yaml: file is 104"), "{stderr}");
     assert!(
@@ -203,5 +240,8 @@ fn all_problems_are_listed_together() {
     let text = "stages:\n  a: { kind: comand, run: [echo], outputs: [x] }\n  b: { kind: command, run: [echo], output: [x] }\n";
     let stderr = refused(text, &[]);
     assert_eq!(stderr.matches("error: ").count(), 2, "{stderr}");
-    assert!(stderr.ends_with("2 problems found; nothing was run\n"), "{stderr}");
+    assert!(
+        stderr.ends_with("2 problems found; nothing was run\n"),
+        "{stderr}"
+    );
 }

@@ -16,8 +16,15 @@ fn unchanged_rerun_runs_nothing() {
 
     let second = project.run(&[]);
     second.assert_code(0);
-    assert_eq!(second.with_status("cached"), names(&["a", "b", "c", "d", "e"]));
-    assert_eq!(project.executions().len(), executions, "a cached stage must not execute");
+    assert_eq!(
+        second.with_status("cached"),
+        names(&["a", "b", "c", "d", "e"])
+    );
+    assert_eq!(
+        project.executions().len(),
+        executions,
+        "a cached stage must not execute"
+    );
     assert_eq!(first.keys(), second.keys());
 }
 
@@ -25,7 +32,12 @@ fn unchanged_rerun_runs_nothing() {
 fn param_change_reruns_stage_and_descendants_only() {
     let project = diamond_project();
     project.run(&[]).assert_code(0);
-    project.write("p.yaml", &project.read("p.yaml").replace("params: { m: 1 }", "params: { m: 2 }"));
+    project.write(
+        "p.yaml",
+        &project
+            .read("p.yaml")
+            .replace("params: { m: 1 }", "params: { m: 2 }"),
+    );
 
     let rerun = project.run(&[]);
     rerun.assert_code(0);
@@ -45,7 +57,12 @@ fn identical_upstream_output_keeps_descendants_cached() {
     project.write(
         "p.yaml",
         &pipeline(&[
-            stage("a", "echo $(( {params.n} / 10 )) > {out}/f.txt", "{}", "{ n: 3 }"),
+            stage(
+                "a",
+                "echo $(( {params.n} / 10 )) > {out}/f.txt",
+                "{}",
+                "{ n: 3 }",
+            ),
             stage("b", "cat {inputs.a}/f.txt > {out}/f.txt", "{ a: a }", "{}"),
             stage("c", "cat {inputs.b}/f.txt > {out}/f.txt", "{ b: b }", "{}"),
         ]),
@@ -70,9 +87,19 @@ fn editing_external_input_reruns_its_consumers() {
     project.write(
         "p.yaml",
         &pipeline(&[
-            stage("a", "cat {inputs.raw} > {out}/f.txt", "{ raw: raw.txt }", "{}"),
+            stage(
+                "a",
+                "cat {inputs.raw} > {out}/f.txt",
+                "{ raw: raw.txt }",
+                "{}",
+            ),
             stage("b", "cat {inputs.a}/f.txt > {out}/f.txt", "{ a: a }", "{}"),
-            stage("c", "cat {inputs.o} > {out}/f.txt", "{ o: other.txt }", "{}"),
+            stage(
+                "c",
+                "cat {inputs.o} > {out}/f.txt",
+                "{ o: other.txt }",
+                "{}",
+            ),
         ]),
     );
     project.run(&[]).assert_code(0);
@@ -84,7 +111,10 @@ fn editing_external_input_reruns_its_consumers() {
     rerun.assert_code(0);
     assert_eq!(rerun.with_status("ran"), names(&["a", "b"]));
     assert_eq!(rerun.with_status("cached"), names(&["c"]));
-    assert_eq!(std::fs::read_to_string(rerun.output_dir("b").join("f.txt")).unwrap(), "jello\n");
+    assert_eq!(
+        std::fs::read_to_string(rerun.output_dir("b").join("f.txt")).unwrap(),
+        "jello\n"
+    );
 }
 
 #[test]
@@ -94,13 +124,28 @@ fn set_override_acts_like_an_edit() {
 
     let overridden = project.run(&["--set", "a.params.n=4"]);
     overridden.assert_code(0);
-    assert_eq!(overridden.with_status("ran"), names(&["a", "b", "c", "d", "e"]));
+    assert_eq!(
+        overridden.with_status("ran"),
+        names(&["a", "b", "c", "d", "e"])
+    );
 
-    project.write("p.yaml", &project.read("p.yaml").replace("params: { n: 3 }", "params: { n: 4 }"));
+    project.write(
+        "p.yaml",
+        &project
+            .read("p.yaml")
+            .replace("params: { n: 3 }", "params: { n: 4 }"),
+    );
     let edited = project.run(&[]);
     edited.assert_code(0);
-    assert_eq!(edited.with_status("cached"), names(&["a", "b", "c", "d", "e"]));
-    assert_eq!(overridden.keys(), edited.keys(), "--set and the same edit give the same keys");
+    assert_eq!(
+        edited.with_status("cached"),
+        names(&["a", "b", "c", "d", "e"])
+    );
+    assert_eq!(
+        overridden.keys(),
+        edited.keys(),
+        "--set and the same edit give the same keys"
+    );
 }
 
 #[test]
@@ -117,23 +162,40 @@ fn excluded_settings_do_not_invalidate() {
     logged.assert_code(0);
     assert_eq!(logged.with_status("cached"), all);
     project.rlhf(&["run", "p.yaml"]).assert_code(0);
-    assert_eq!(project.executions().len(), 5, "a run without --json reran something");
+    assert_eq!(
+        project.executions().len(),
+        5,
+        "a run without --json reran something"
+    );
 
     // Stage order in the file, comments, the pipeline's `name:`, and the input file moved
     // to another path with the same content.
     let mut blocks = common::diamond_stages();
     blocks.reverse();
-    let reordered = format!("# a comment\nname: renamed # another\nseed: 7\nstages:\n{}", blocks.concat());
+    let reordered = format!(
+        "# a comment\nname: renamed # another\nseed: 7\nstages:\n{}",
+        blocks.concat()
+    );
     std::fs::create_dir(project.path("moved")).unwrap();
     std::fs::rename(project.path("raw.txt"), project.path("moved/raw-data.txt")).unwrap();
-    project.write("p.yaml", &reordered.replace("raw.txt", "moved/raw-data.txt"));
+    project.write(
+        "p.yaml",
+        &reordered.replace("raw.txt", "moved/raw-data.txt"),
+    );
     let edited = project.run(&[]);
     edited.assert_code(0);
-    assert_eq!(edited.with_status("cached"), all, "{}", project.read("p.yaml"));
+    assert_eq!(
+        edited.with_status("cached"),
+        all,
+        "{}",
+        project.read("p.yaml")
+    );
     assert_eq!(first.keys(), edited.keys());
 
     // The cache location: another cache runs everything again, under the same keys.
-    let elsewhere = project.rlhf_with(project.command_with_cache(&["run", "p.yaml", "--json"], &project.path("other-cache")));
+    let elsewhere = project.rlhf_with(
+        project.command_with_cache(&["run", "p.yaml", "--json"], &project.path("other-cache")),
+    );
     elsewhere.assert_code(0);
     assert_eq!(elsewhere.with_status("ran"), all);
     assert_eq!(first.keys(), elsewhere.keys());
@@ -156,7 +218,9 @@ fn corrupted_artifact_is_found_by_verify_and_recomputed() {
         verify.stderr
     );
     assert!(
-        verify.stderr.contains(first.output_dir("b").file_name().unwrap().to_str().unwrap()),
+        verify
+            .stderr
+            .contains(first.output_dir("b").file_name().unwrap().to_str().unwrap()),
         "{}",
         verify.stderr
     );
@@ -169,7 +233,8 @@ fn corrupted_artifact_is_found_by_verify_and_recomputed() {
         "only the stage whose output was damaged reruns"
     );
     assert_eq!(
-        std::fs::read_to_string(project.path("").join(rerun.output_dir("b")).join("f.txt")).unwrap(),
+        std::fs::read_to_string(project.path("").join(rerun.output_dir("b")).join("f.txt"))
+            .unwrap(),
         before
     );
     project.rlhf(&["cache", "verify"]).assert_code(0);
@@ -185,7 +250,11 @@ fn corrupted_artifact_is_recomputed_without_verify() {
     let rerun = project.run(&[]);
     rerun.assert_code(0);
     assert_eq!(rerun.with_status("ran"), names(&["c"]));
-    assert!(rerun.stderr.contains("damaged"), "the damage is reported: {}", rerun.stderr);
+    assert!(
+        rerun.stderr.contains("damaged"),
+        "the damage is reported: {}",
+        rerun.stderr
+    );
 }
 
 /// Flips the first byte of a read-only cached file, keeping its size.
@@ -205,13 +274,20 @@ fn corrupt_record_is_a_warning_and_a_miss() {
     let first = project.run(&[]);
     first.assert_code(0);
     let key = first.keys()["c"].clone();
-    let record = project.cache().join("v1/records").join(format!("{key}.json"));
+    let record = project
+        .cache()
+        .join("v1/records")
+        .join(format!("{key}.json"));
     std::fs::write(&record, "{ not json").unwrap();
 
     let rerun = project.run(&[]);
     rerun.assert_code(0);
     assert_eq!(rerun.with_status("ran"), names(&["c"]));
-    assert!(rerun.stderr.contains("warning:") && rerun.stderr.contains(&key), "{}", rerun.stderr);
+    assert!(
+        rerun.stderr.contains("warning:") && rerun.stderr.contains(&key),
+        "{}",
+        rerun.stderr
+    );
     let again = project.run(&[]);
     assert_eq!(
         again.with_status("cached"),
@@ -229,9 +305,17 @@ fn locked_refuses_changed_external_input() {
 
     let refused = project.run(&["--locked"]);
     refused.assert_code(2);
-    assert!(refused.stderr.contains("`raw.txt` changed"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("`raw.txt` changed"),
+        "{}",
+        refused.stderr
+    );
     assert!(refused.stdout.is_empty());
-    assert_eq!(project.executions().len(), 5, "nothing runs when the lock refuses");
+    assert_eq!(
+        project.executions().len(),
+        5,
+        "nothing runs when the lock refuses"
+    );
 }
 
 #[test]
@@ -250,9 +334,17 @@ fn verify_detects_nondeterministic_stage() {
     verify.assert_code(1);
     assert_eq!(verify.statuses()["steady"], "verified");
     assert_eq!(verify.statuses()["clock"], "mismatch");
-    assert!(verify.stderr.contains("stage `clock` does not reproduce"), "{}", verify.stderr);
+    assert!(
+        verify.stderr.contains("stage `clock` does not reproduce"),
+        "{}",
+        verify.stderr
+    );
     assert_eq!(
-        project.executions().iter().filter(|s| *s == "steady").count(),
+        project
+            .executions()
+            .iter()
+            .filter(|s| *s == "steady")
+            .count(),
         2,
         "--verify recomputes cached stages"
     );
@@ -264,7 +356,10 @@ fn verify_passes_a_deterministic_pipeline() {
     project.run(&[]).assert_code(0);
     let verify = project.run(&["--verify"]);
     verify.assert_code(0);
-    assert_eq!(verify.with_status("verified"), names(&["a", "b", "c", "d", "e"]));
+    assert_eq!(
+        verify.with_status("verified"),
+        names(&["a", "b", "c", "d", "e"])
+    );
 }
 
 #[test]
@@ -291,8 +386,16 @@ fn editing_a_file_inside_an_external_folder_reruns_its_consumers() {
         "a changed file inside the folder"
     );
     project.write("data/three.txt", "\n");
-    assert_eq!(project.run(&[]).with_status("ran"), names(&["a"]), "a file added to the folder");
-    std::fs::rename(project.path("data/three.txt"), project.path("data/four.txt")).unwrap();
+    assert_eq!(
+        project.run(&[]).with_status("ran"),
+        names(&["a"]),
+        "a file added to the folder"
+    );
+    std::fs::rename(
+        project.path("data/three.txt"),
+        project.path("data/four.txt"),
+    )
+    .unwrap();
     assert_eq!(
         project.run(&[]).with_status("ran"),
         names(&["a"]),
@@ -305,17 +408,27 @@ fn after_orders_stages_without_entering_keys() {
     // `b` waits for `a` without reading it: it runs after `a`, and adding or removing
     // the `after:` edge does not rerun it.
     let project = Project::new();
-    let b = stage("b", "cat stamp > {out}/f.txt", "{}", "{}").replace("    outputs:", "    after: [a]\n    outputs:");
+    let b = stage("b", "cat stamp > {out}/f.txt", "{}", "{}")
+        .replace("    outputs:", "    after: [a]\n    outputs:");
     project.write(
         "p.yaml",
-        &pipeline(&[b.clone(), stage("a", "echo from-a > stamp; echo a > {out}/f.txt", "{}", "{}")]),
+        &pipeline(&[
+            b.clone(),
+            stage("a", "echo from-a > stamp; echo a > {out}/f.txt", "{}", "{}"),
+        ]),
     );
     let first = project.run(&[]);
     first.assert_code(0);
     assert_eq!(project.executions(), ["a", "b"], "`after:` puts a before b");
-    assert_eq!(std::fs::read_to_string(first.output_dir("b").join("f.txt")).unwrap(), "from-a\n");
+    assert_eq!(
+        std::fs::read_to_string(first.output_dir("b").join("f.txt")).unwrap(),
+        "from-a\n"
+    );
 
-    project.write("p.yaml", &project.read("p.yaml").replace("    after: [a]\n", ""));
+    project.write(
+        "p.yaml",
+        &project.read("p.yaml").replace("    after: [a]\n", ""),
+    );
     assert_eq!(project.run(&[]).with_status("cached"), names(&["a", "b"]));
 }
 
@@ -337,7 +450,10 @@ fn missing_artifact_is_reported_and_recomputed() {
     assert_eq!(rerun.with_status("ran"), names(&["c"]));
     let digest = object.file_name().unwrap().to_str().unwrap();
     assert!(
-        rerun.stderr.contains(&format!("warning: artifact {digest}")) && rerun.stderr.contains("is missing"),
+        rerun
+            .stderr
+            .contains(&format!("warning: artifact {digest}"))
+            && rerun.stderr.contains("is missing"),
         "{}",
         rerun.stderr
     );

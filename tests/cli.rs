@@ -31,7 +31,10 @@ fn status(project: &Project, extra: &[&str]) -> BTreeMap<String, (String, Vec<St
 }
 
 fn entry(state: &str, reasons: &[&str]) -> (String, Vec<String>) {
-    (state.to_string(), reasons.iter().map(|r| r.to_string()).collect())
+    (
+        state.to_string(),
+        reasons.iter().map(|r| r.to_string()).collect(),
+    )
 }
 
 #[test]
@@ -41,25 +44,46 @@ fn status_explains_why() {
     assert_eq!(before["a"], entry("stale", &["never run"]));
     assert_eq!(before["d"], entry("blocked", &["waits for `b`, `c`"]));
     project.run(&[]).assert_code(0);
-    assert!(status(&project, &[]).values().all(|(s, r)| s == "cached" && r.is_empty()));
+    assert!(status(&project, &[])
+        .values()
+        .all(|(s, r)| s == "cached" && r.is_empty()));
 
     let changed = status(&project, &["--set", "a.params.n=4"]);
-    assert_eq!(changed["a"], entry("stale", &["param `params.n` changed 3 → 4"]));
+    assert_eq!(
+        changed["a"],
+        entry("stale", &["param `params.n` changed 3 → 4"])
+    );
     assert_eq!(changed["b"], entry("blocked", &["waits for `a`"]));
     assert_eq!(changed["d"], entry("blocked", &["waits for `b`, `c`"]));
 
     let sibling = status(&project, &["--set", "b.params.m=2"]);
     assert_eq!(sibling["a"].0, "cached");
     assert_eq!(sibling["c"].0, "cached");
-    assert_eq!(sibling["b"], entry("stale", &["param `params.m` changed 1 → 2"]));
+    assert_eq!(
+        sibling["b"],
+        entry("stale", &["param `params.m` changed 1 → 2"])
+    );
     assert_eq!(sibling["d"], entry("blocked", &["waits for `b`"]));
 
     project.write("raw.txt", "edited\n");
-    assert_eq!(status(&project, &[])["a"], entry("stale", &["input `raw` changed"]));
+    assert_eq!(
+        status(&project, &[])["a"],
+        entry("stale", &["input `raw` changed"])
+    );
     // Human output names the same reasons.
     let text = project.rlhf(&["status", "p.yaml"]);
-    assert!(text.stdout.contains("stale  a (command): input `raw` changed"), "{}", text.stdout);
-    assert!(text.stdout.contains("blocked  d (command): waits for `b`, `c`"), "{}", text.stdout);
+    assert!(
+        text.stdout
+            .contains("stale  a (command): input `raw` changed"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout
+            .contains("blocked  d (command): waits for `b`, `c`"),
+        "{}",
+        text.stdout
+    );
 }
 
 #[test]
@@ -89,7 +113,10 @@ fn until_runs_the_stage_and_its_ancestors_only() {
     let project = diamond_project();
     let partial = project.run(&["--until", "b"]);
     partial.assert_code(0);
-    assert_eq!(partial.statuses().into_keys().collect::<Vec<_>>(), names(&["a", "b"]));
+    assert_eq!(
+        partial.statuses().into_keys().collect::<Vec<_>>(),
+        names(&["a", "b"])
+    );
     assert_eq!(partial.with_status("ran"), names(&["a", "b"]));
 
     let rest = project.run(&[]);
@@ -138,9 +165,18 @@ fn keep_going_skips_dependents_of_a_failed_stage_and_lists_all_failures() {
     assert_eq!(statuses["h"], "ran");
     assert_eq!(project.records(), 1, "only h is recorded");
     // The failures come last, after the per-stage lines, each with its stderr.
-    let tail = &run.stderr[run.stderr.find("1 ran, 0 cached, 2 failed, 1 skipped").expect(&run.stderr)..];
-    assert!(tail.contains("error: stage `f1`") && tail.contains("broken-one"), "{tail}");
-    assert!(tail.contains("error: stage `f2`") && tail.contains("broken-two"), "{tail}");
+    let tail = &run.stderr[run
+        .stderr
+        .find("1 ran, 0 cached, 2 failed, 1 skipped")
+        .expect(&run.stderr)..];
+    assert!(
+        tail.contains("error: stage `f1`") && tail.contains("broken-one"),
+        "{tail}"
+    );
+    assert!(
+        tail.contains("error: stage `f2`") && tail.contains("broken-two"),
+        "{tail}"
+    );
 }
 
 fn gc_json(project: &Project, extra: &[&str]) -> Json {
@@ -169,7 +205,11 @@ fn gc_is_a_dry_run_by_default_and_apply_keeps_what_the_lock_references() {
         "the lock now references only the n=4 keys"
     );
     assert_eq!(project.records(), 10, "a dry run deletes nothing");
-    assert_eq!(project.run(&[]).with_status("cached").len(), 5, "the old results are still there");
+    assert_eq!(
+        project.run(&[]).with_status("cached").len(),
+        5,
+        "the old results are still there"
+    );
 
     // The run above made the n=3 keys the locked ones again; flip back and collect.
     project.run(&["--set", "a.params.n=4"]).assert_code(0);
@@ -178,19 +218,27 @@ fn gc_is_a_dry_run_by_default_and_apply_keeps_what_the_lock_references() {
     assert_eq!(applied["records"], serde_json::json!(old_keys));
     assert_eq!(project.records(), 5);
     assert_eq!(
-        project.run(&["--set", "a.params.n=4"]).with_status("cached").len(),
+        project
+            .run(&["--set", "a.params.n=4"])
+            .with_status("cached")
+            .len(),
         5,
         "what the lock references is kept"
     );
     project.rlhf(&["cache", "verify"]).assert_code(0);
-    assert_eq!(project.run(&[]).with_status("ran").len(), 5, "what it did not reference is gone");
+    assert_eq!(
+        project.run(&[]).with_status("ran").len(),
+        5,
+        "what it did not reference is gone"
+    );
 }
 
 #[test]
 fn schema_is_current() {
     let run = Project::new().rlhf(&["schema"]);
     run.assert_code(0);
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/pipeline.schema.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/pipeline.schema.json");
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == run.stdout,
@@ -205,12 +253,16 @@ fn show_prints_the_outputs_of_a_cached_stage_only() {
     let missing = project.rlhf(&["show", "p.yaml", "b"]);
     missing.assert_code(1);
     assert!(
-        missing.stderr.contains("stage `b` has no cached outputs (waits for `a`)"),
+        missing
+            .stderr
+            .contains("stage `b` has no cached outputs (waits for `a`)"),
         "{}",
         missing.stderr
     );
     assert!(
-        missing.stderr.contains("hint: run `rlhf run p.yaml --until b` first"),
+        missing
+            .stderr
+            .contains("hint: run `rlhf run p.yaml --until b` first"),
         "{}",
         missing.stderr
     );
@@ -219,9 +271,16 @@ fn show_prints_the_outputs_of_a_cached_stage_only() {
     let shown = project.rlhf(&["show", "p.yaml", "b", "--json"]);
     shown.assert_code(0);
     let shown: Json = serde_json::from_str(shown.stdout.trim()).unwrap();
-    let ran = run.stages().into_iter().find(|s| s["stage"] == "b").unwrap();
+    let ran = run
+        .stages()
+        .into_iter()
+        .find(|s| s["stage"] == "b")
+        .unwrap();
     assert_eq!(shown["key"], ran["key"]);
-    assert_eq!(shown["outputs"]["out"]["digest"], ran["outputs"]["out"]["digest"]);
+    assert_eq!(
+        shown["outputs"]["out"]["digest"],
+        ran["outputs"]["out"]["digest"]
+    );
     assert_eq!(project.rlhf(&["show", "p.yaml", "bb"]).code, 2);
 }
 
@@ -244,7 +303,9 @@ fn dag_renders_every_edge() {
     ] {
         assert!(dot.contains(edge), "{edge} missing from\n{dot}");
     }
-    let mermaid = project.rlhf(&["dag", "p.yaml", "--format", "mermaid"]).stdout;
+    let mermaid = project
+        .rlhf(&["dag", "p.yaml", "--format", "mermaid"])
+        .stdout;
     assert!(
         mermaid.starts_with("flowchart LR\n") && mermaid.contains("  c -->|out → c| d\n"),
         "{mermaid}"
@@ -256,12 +317,17 @@ fn broken_lock_file_is_invalid_input_and_names_the_way_out() {
     let project = diamond_project();
     project.run(&[]).assert_code(0);
     let lock = project.read("p.lock");
-    project.write("p.lock", &format!("<<<<<<< HEAD\n{lock}=======\n{lock}>>>>>>> other\n"));
+    project.write(
+        "p.lock",
+        &format!("<<<<<<< HEAD\n{lock}=======\n{lock}>>>>>>> other\n"),
+    );
     for command in ["run", "status"] {
         let refused = project.rlhf(&[command, "p.yaml"]);
         refused.assert_code(2);
         assert!(
-            refused.stderr.contains("p.lock is not a valid rlhf lock file"),
+            refused
+                .stderr
+                .contains("p.lock is not a valid rlhf lock file"),
             "{}",
             refused.stderr
         );

@@ -54,9 +54,15 @@ fn sigkill_mid_stage_leaves_cache_consistent() {
         "the interrupted stage and its dependent run"
     );
     let output = std::fs::read_to_string(rerun.output_dir("c").join("f.txt")).unwrap();
-    assert_eq!(output, "first-half\nsecond-half\n", "no partial artifact was trusted");
+    assert_eq!(
+        output, "first-half\nsecond-half\n",
+        "no partial artifact was trusted"
+    );
     project.rlhf(&["cache", "verify"]).assert_code(0);
-    assert_eq!(project.run(&[]).with_status("cached"), names(&["a", "b", "c"]));
+    assert_eq!(
+        project.run(&[]).with_status("cached"),
+        names(&["a", "b", "c"])
+    );
 }
 
 #[test]
@@ -66,10 +72,22 @@ fn concurrent_runs_execute_each_stage_once() {
     let project = Project::new();
     let mut stages = vec![stage("s0", "sleep 0.1; echo 0 > {out}/f.txt", "{}", "{}")];
     for i in 1..6 {
-        let script = format!("sleep 0.1; cat {{inputs.up}}/f.txt > {{out}}/f.txt; echo {i} >> {{out}}/f.txt");
-        stages.push(stage(&format!("s{i}"), &script, &format!("{{ up: s{} }}", i - 1), "{}"));
+        let script = format!(
+            "sleep 0.1; cat {{inputs.up}}/f.txt > {{out}}/f.txt; echo {i} >> {{out}}/f.txt"
+        );
+        stages.push(stage(
+            &format!("s{i}"),
+            &script,
+            &format!("{{ up: s{} }}", i - 1),
+            "{}",
+        ));
     }
-    stages.push(stage("side", "sleep 0.1; echo side > {out}/f.txt", "{}", "{}"));
+    stages.push(stage(
+        "side",
+        "sleep 0.1; echo side > {out}/f.txt",
+        "{}",
+        "{}",
+    ));
     project.write("p.yaml", &pipeline(&stages));
 
     let spawn = || {
@@ -81,9 +99,16 @@ fn concurrent_runs_execute_each_stage_once() {
             .unwrap()
     };
     let (first, second) = (spawn(), spawn());
-    let outputs = [first.wait_with_output().unwrap(), second.wait_with_output().unwrap()];
+    let outputs = [
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    ];
     for output in &outputs {
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let mut executions = project.executions();
     executions.sort();

@@ -37,5 +37,8 @@ proptest! {
 fn the_real_command_kind_is_in_the_registry() {
     let text = "stages:\n  s0:\n    kind: \"command\"\n    \"run\": [\"true\"]\n    \"outputs\": [\"f\"]\n";
     let raw = rlhf_engine::spec::parse(std::path::Path::new("fuzz.yaml"), text).unwrap();
-    assert_eq!(rlhf_engine::check::check(&raw, &registry()).unwrap().stages[0].kind, "command");
+    assert_eq!(
+        rlhf_engine::check::check(&raw, &registry()).unwrap().stages[0].kind,
+        "command"
+    );
 }

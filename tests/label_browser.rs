@@ -116,8 +116,13 @@ impl Session<'_> {
             _ => self.browser.press(&[&choice.to_string(), ENTER]),
         }
         let first = &self.items[&item].0;
-        expected.0.entry(item.clone()).or_default().push((self.labeller.to_string(), canonical(choice, &shown_a, first)));
-        wait_until("the label to be saved", || log_lines(self.project) == before + 1);
+        expected.0.entry(item.clone()).or_default().push((
+            self.labeller.to_string(),
+            canonical(choice, &shown_a, first),
+        ));
+        wait_until("the label to be saved", || {
+            log_lines(self.project) == before + 1
+        });
         wait_until("the page to move on", || self.current() != item);
     }
 }
@@ -127,21 +132,39 @@ fn labels_given_in_the_browser_survive_a_killed_server_and_become_the_stage_pair
     let Some(project) = project() else { return };
     let waiting = project.run(&[]);
     waiting.assert_code(3);
-    assert!(waiting.stderr.contains("waiting for") && waiting.stderr.contains("rlhf label"), "{}", waiting.stderr);
+    assert!(
+        waiting.stderr.contains("waiting for") && waiting.stderr.contains("rlhf label"),
+        "{}",
+        waiting.stderr
+    );
     let waiting_key = waiting.keys()["prefs"].clone();
     let items = items(&project);
     let total = items.len();
     assert!(total >= 4, "expected several pairs to label, got {total}");
 
     let label_command = || {
-        let mut c = project.command(&["label", "p.yaml", "--stage", "prefs", "--port", "0", "--labeller", "ann"]);
+        let mut c = project.command(&[
+            "label",
+            "p.yaml",
+            "--stage",
+            "prefs",
+            "--port",
+            "0",
+            "--labeller",
+            "ann",
+        ]);
         c.env("RUST_BACKTRACE", "0");
         c
     };
     let browser = Browser::start();
     let server = LabelProcess::start(label_command());
     browser.goto(&server.url);
-    let ann = Session { browser: &browser, project: &project, items: items.clone(), labeller: "ann" };
+    let ann = Session {
+        browser: &browser,
+        project: &project,
+        items: items.clone(),
+        labeller: "ann",
+    };
     wait_until("the first item", || !ann.current().is_empty());
     assert_eq!(browser.text("#progress"), format!("1 of {total}"));
     let mut expected = Expected::default();
@@ -149,7 +172,7 @@ fn labels_given_in_the_browser_survive_a_killed_server_and_become_the_stage_pair
     ann.label(&mut expected, 1, "click"); // A significantly better, by clicks
     let second = ann.current();
     ann.label(&mut expected, 4, "keys"); // B slightly better, by keys
-    // Undo by key: an undo record is appended and the same item comes back.
+                                         // Undo by key: an undo record is appended and the same item comes back.
     browser.press(&["u"]);
     expected.0.get_mut(&second).unwrap().pop();
     ann.settle(3, "");
@@ -161,12 +184,16 @@ fn labels_given_in_the_browser_survive_a_killed_server_and_become_the_stage_pair
     wait_until("the page to skip", || ann.current() != skipped);
     assert_eq!(log_lines(&project), 4);
     ann.label(&mut expected, 3, "click"); // about the same: a tie
-    // A comment, submitted with Enter from the comment box.
+                                          // A comment, submitted with Enter from the comment box.
     browser.click("#choice-2");
     let item = ann.current();
     let shown_a = browser.text("#response-a");
     browser.type_into("#comment", &format!("terse{ENTER}"));
-    expected.0.entry(item.clone()).or_default().push(("ann".into(), canonical(2, &shown_a, &items[&item].0)));
+    expected
+        .0
+        .entry(item.clone())
+        .or_default()
+        .push(("ann".into(), canonical(2, &shown_a, &items[&item].0)));
     ann.settle(6, &item);
 
     // A crash: every label given so far is on disk.
@@ -175,21 +202,37 @@ fn labels_given_in_the_browser_survive_a_killed_server_and_become_the_stage_pair
     let server = LabelProcess::start(label_command());
     browser.goto(&server.url);
     wait_until("the page after the restart", || !ann.current().is_empty());
-    assert_eq!(browser.text("#progress"), format!("5 of {total} · 4 complete"), "the restart continues where it stopped");
+    assert_eq!(
+        browser.text("#progress"),
+        format!("5 of {total} · 4 complete"),
+        "the restart continues where it stopped"
+    );
     while !ann.current().is_empty() {
         ann.label(&mut expected, 1, "keys");
     }
-    assert_eq!(browser.eval("return document.getElementById('done').hidden;"), json!(false));
+    assert_eq!(
+        browser.eval("return document.getElementById('done').hidden;"),
+        json!(false)
+    );
 
     // A second labeller agrees in direction with ann's first label, with another strength.
     browser.goto(&format!("http://127.0.0.1:{}/?labeller=bob", server.port));
-    let bob = Session { browser: &browser, project: &project, items: items.clone(), labeller: "bob" };
+    let bob = Session {
+        browser: &browser,
+        project: &project,
+        items: items.clone(),
+        labeller: "bob",
+    };
     wait_until("bob's first item", || !bob.current().is_empty());
     let item = bob.current();
     let ann_preference = expected.0[&item][0].1;
     let wanted = ann_preference.signum(); // canonical ±1 (or 0)
     let shown_a = browser.text("#response-a");
-    let of_a = if shown_a == items[&item].0 { wanted } else { -wanted };
+    let of_a = if shown_a == items[&item].0 {
+        wanted
+    } else {
+        -wanted
+    };
     let choice = [2i8, 1, 0, -1, -2].iter().position(|&p| p == of_a).unwrap() as u8 + 1;
     bob.label(&mut expected, choice, "click");
     let (code, _, body) = http("GET", server.port, "/api/agreement", None);
@@ -203,9 +246,17 @@ fn labels_given_in_the_browser_survive_a_killed_server_and_become_the_stage_pair
     // The rerun reads the labels: the stage's key changed and it writes the pairs.
     let done = project.run(&[]);
     done.assert_code(0);
-    assert_ne!(done.keys()["prefs"], waiting_key, "the labels file is part of the key");
+    assert_ne!(
+        done.keys()["prefs"],
+        waiting_key,
+        "the labels file is part of the key"
+    );
     let dir = done.output_dir("prefs");
-    let pairs: Vec<Value> = std::fs::read_to_string(dir.join("pairs.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let pairs: Vec<Value> = std::fs::read_to_string(dir.join("pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let mut want = Vec::new();
     for (id, labels) in &expected.0 {
         let mean = labels.iter().map(|(_, p)| f64::from(*p)).sum::<f64>() / labels.len() as f64;
@@ -213,16 +264,36 @@ fn labels_given_in_the_browser_survive_a_killed_server_and_become_the_stage_pair
             continue;
         }
         let (first, second) = &items[id];
-        let (chosen, rejected) = if mean > 0.0 { (first, second) } else { (second, first) };
-        let strength = if mean.abs() >= 1.5 { "significantly" } else { "slightly" };
+        let (chosen, rejected) = if mean > 0.0 {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let strength = if mean.abs() >= 1.5 {
+            "significantly"
+        } else {
+            "slightly"
+        };
         let mut names: Vec<&str> = labels.iter().map(|(n, _)| n.as_str()).collect();
         names.sort();
-        want.push((id.clone(), chosen.clone(), rejected.clone(), strength.to_string(), mean.abs(), names.join(",")));
+        want.push((
+            id.clone(),
+            chosen.clone(),
+            rejected.clone(),
+            strength.to_string(),
+            mean.abs(),
+            names.join(","),
+        ));
     }
     let mut got: Vec<_> = pairs
         .iter()
         .map(|p| {
-            let names: Vec<&str> = p["labellers"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+            let names: Vec<&str> = p["labellers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap())
+                .collect();
             assert_eq!(p["judge"], json!("human"));
             (
                 p["item"].as_str().unwrap().to_string(),
@@ -236,8 +307,12 @@ fn labels_given_in_the_browser_survive_a_killed_server_and_become_the_stage_pair
         .collect();
     got.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(got, want);
-    assert!(pairs.iter().any(|p| p["comments"] == json!(["terse"])), "the comment travels with its pair");
-    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
+    assert!(
+        pairs.iter().any(|p| p["comments"] == json!(["terse"])),
+        "the comment travels with its pair"
+    );
+    let metrics: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["pairs"], json!(want.len()));
     assert_eq!(metrics["ties_dropped"], json!(total - want.len()));
     assert_eq!(metrics["agreement"], json!(1.0));
@@ -252,19 +327,39 @@ fn markup_in_model_output_is_shown_as_text_and_never_runs() {
     let script = "<script>window.__xss = 1</script>";
     let image = "<img src=x onerror=\"window.__xss = 2\">";
     let prompt = "<b>bold?</b> & <i>more</i>";
-    let item = json!({ "id": "0123456789abcdef", "prompt": prompt, "first": script, "second": image });
+    let item =
+        json!({ "id": "0123456789abcdef", "prompt": prompt, "first": script, "second": image });
     project.write("labels/prefs.items.jsonl", &format!("{item}\n"));
     let browser = Browser::start();
-    let server = LabelProcess::start(project.command(&["label", "p.yaml", "--stage", "prefs", "--port", "0", "--labeller", "eve"]));
+    let server = LabelProcess::start(project.command(&[
+        "label",
+        "p.yaml",
+        "--stage",
+        "prefs",
+        "--port",
+        "0",
+        "--labeller",
+        "eve",
+    ]));
     let (_, head, _) = http("GET", server.port, "/", None);
-    assert!(head.contains("Content-Security-Policy: default-src 'none'; script-src 'self'"), "{head}");
+    assert!(
+        head.contains("Content-Security-Policy: default-src 'none'; script-src 'self'"),
+        "{head}"
+    );
     browser.goto(&server.url);
     wait_until("the item", || browser.text("#prompt") == prompt);
     let shown = [browser.text("#response-a"), browser.text("#response-b")];
-    assert!(shown.contains(&script.to_string()) && shown.contains(&image.to_string()), "{shown:?}");
+    assert!(
+        shown.contains(&script.to_string()) && shown.contains(&image.to_string()),
+        "{shown:?}"
+    );
     let dom = browser.eval(
         "return [document.querySelectorAll('img').length, document.querySelectorAll('script').length, \
          document.querySelectorAll('#prompt *, #response-a *, #response-b *').length, typeof window.__xss];",
     );
-    assert_eq!(dom, json!([0, 1, 0, "undefined"]), "no img element, only the page's own script, no markup, nothing ran");
+    assert_eq!(
+        dom,
+        json!([0, 1, 0, "undefined"]),
+        "no img element, only the page's own script, no markup, nothing ran"
+    );
 }

@@ -9,7 +9,10 @@ use std::time::Instant;
 fn billion_laughs() -> String {
     let mut text = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
     for i in 1..10 {
-        text.push_str(&format!("a{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 9].join(", ")));
+        text.push_str(&format!(
+            "a{i}: &a{i} [{}]\n",
+            vec![format!("*a{}", i - 1); 9].join(", ")
+        ));
     }
     text + "stages: {}\n"
 }
@@ -34,10 +37,15 @@ fn main() {
             "65 nested block mappings",
             format!(
                 "stages:\n{}",
-                (1..66).map(|i| format!("{}k{i}:\n", "  ".repeat(i))).collect::<String>()
+                (1..66)
+                    .map(|i| format!("{}k{i}:\n", "  ".repeat(i)))
+                    .collect::<String>()
             ),
         ),
-        ("10 MB file", format!("stages: {{}}\n# {}\n", "x".repeat(10 << 20))),
+        (
+            "10 MB file",
+            format!("stages: {{}}\n# {}\n", "x".repeat(10 << 20)),
+        ),
     ];
     for (name, text) in cases {
         let started = Instant::now();

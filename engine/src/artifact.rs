@@ -7,7 +7,9 @@ use std::fmt;
 
 /// What a stage output is. An artifact is always a directory in the cache; the kind says
 /// which files a consumer may expect inside it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactKind {
     /// Rows as `data.jsonl` (see the data module for the row model).

@@ -129,7 +129,11 @@ pub fn check(raw: &RawPipeline, registry: &Registry) -> Result<Pipeline, Pipelin
         .collect();
     let all_names: Vec<&str> = raw.stages.iter().map(|s| s.name.as_str()).collect();
     // A reference to a stage that already failed to configure would only repeat that error.
-    let broken: BTreeSet<&str> = all_names.iter().copied().filter(|n| !outputs.contains_key(n)).collect();
+    let broken: BTreeSet<&str> = all_names
+        .iter()
+        .copied()
+        .filter(|n| !outputs.contains_key(n))
+        .collect();
     let mut stages = Vec::new();
     for c in &configured {
         let mut inputs = Vec::new();
@@ -146,9 +150,13 @@ pub fn check(raw: &RawPipeline, registry: &Registry) -> Result<Pipeline, Pipelin
         for (after, loc) in &c.raw.after {
             if !all_names.contains(&after.as_str()) {
                 diags.push(
-                    Diagnostic::new(&origin, *loc, format!("`after` of stage `{}` names no stage `{after}`", c.raw.name))
-                        .expected(one_of(all_names.iter().copied()))
-                        .suggest(after, all_names.iter().copied()),
+                    Diagnostic::new(
+                        &origin,
+                        *loc,
+                        format!("`after` of stage `{}` names no stage `{after}`", c.raw.name),
+                    )
+                    .expected(one_of(all_names.iter().copied()))
+                    .suggest(after, all_names.iter().copied()),
                 );
             }
         }
@@ -171,8 +179,12 @@ pub fn check(raw: &RawPipeline, registry: &Registry) -> Result<Pipeline, Pipelin
         let mut path = cycle.clone();
         path.push(cycle[0].clone());
         PipelineError::one(
-            Diagnostic::new(&origin, first, format!("the stages form a cycle: {}", path.join(" → ")))
-                .hint("a stage cannot depend on its own output, directly or through other stages"),
+            Diagnostic::new(
+                &origin,
+                first,
+                format!("the stages form a cycle: {}", path.join(" → ")),
+            )
+            .hint("a stage cannot depend on its own output, directly or through other stages"),
         )
     })?;
     Ok(Pipeline {
@@ -187,7 +199,9 @@ pub fn check(raw: &RawPipeline, registry: &Registry) -> Result<Pipeline, Pipelin
 /// it, or its place in the file.
 fn place(raw: &RawPipeline, stage: &RawStage, path: &str, at_key: bool) -> (String, Loc) {
     for o in raw.overrides.iter().rev() {
-        let covers = o.path == path || path.starts_with(&format!("{}.", o.path)) || o.path.starts_with(&format!("{path}."));
+        let covers = o.path == path
+            || path.starts_with(&format!("{}.", o.path))
+            || o.path.starts_with(&format!("{path}."));
         if o.stage == stage.name && covers && !path.is_empty() {
             return (o.origin(), Loc::default());
         }
@@ -225,9 +239,16 @@ fn configure_stage<'a>(
     let Some(kind) = registry.get(&stage.kind) else {
         let names: Vec<&str> = registry.names().collect();
         diags.push(
-            Diagnostic::new(&origin, stage.kind_loc, format!("unknown stage kind `{}` in stage `{}`", stage.kind, stage.name))
-                .expected(one_of(names.iter().copied()))
-                .suggest(&stage.kind, names.iter().copied()),
+            Diagnostic::new(
+                &origin,
+                stage.kind_loc,
+                format!(
+                    "unknown stage kind `{}` in stage `{}`",
+                    stage.kind, stage.name
+                ),
+            )
+            .expected(one_of(names.iter().copied()))
+            .suggest(&stage.kind, names.iter().copied()),
         );
         return None;
     };
@@ -248,7 +269,11 @@ fn configure_stage<'a>(
         }
         Err(ConfigureError::Ports(e)) => {
             let (origin, loc) = place(raw, stage, e.param.as_deref().unwrap_or(""), false);
-            let mut d = Diagnostic::new(&origin, loc, format!("stage `{}`: {}", stage.name, e.message));
+            let mut d = Diagnostic::new(
+                &origin,
+                loc,
+                format!("stage `{}`: {}", stage.name, e.message),
+            );
             if let Some(hint) = e.hint {
                 d = d.hint(hint);
             }
@@ -265,7 +290,11 @@ fn params_diagnostic(raw: &RawPipeline, stage: &RawStage, path: &str, message: &
         let name = rest.split('`').next().unwrap_or_default();
         let expected = expected_names(message);
         let (origin, loc) = place(raw, stage, path, true);
-        let shown = if path.is_empty() { name.to_string() } else { path.to_string() };
+        let shown = if path.is_empty() {
+            name.to_string()
+        } else {
+            path.to_string()
+        };
         return Diagnostic::new(&origin, loc, format!("unknown key `{shown}` in {who}"))
             .expected(one_of(expected.iter().map(String::as_str)))
             .suggest(name, expected.iter().map(String::as_str));
@@ -274,20 +303,38 @@ fn params_diagnostic(raw: &RawPipeline, stage: &RawStage, path: &str, message: &
         let name = rest.split('`').next().unwrap_or_default();
         let expected = expected_names(message);
         let (origin, loc) = place(raw, stage, path, false);
-        return Diagnostic::new(&origin, loc, format!("unknown value `{name}` for `{path}` in {who}"))
-            .expected(one_of(expected.iter().map(String::as_str)))
-            .suggest(name, expected.iter().map(String::as_str));
+        return Diagnostic::new(
+            &origin,
+            loc,
+            format!("unknown value `{name}` for `{path}` in {who}"),
+        )
+        .expected(one_of(expected.iter().map(String::as_str)))
+        .suggest(name, expected.iter().map(String::as_str));
     }
     if let Some(rest) = message.strip_prefix("missing field `") {
         let name = rest.split('`').next().unwrap_or_default();
         let (origin, loc) = place(raw, stage, path, false);
-        let full = if path.is_empty() { name.to_string() } else { format!("{path}.{name}") };
-        return Diagnostic::new(&origin, loc, format!("{who} is missing the required key `{full}`"))
-            .expected(format!("a `{name}:` entry"));
+        let full = if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}.{name}")
+        };
+        return Diagnostic::new(
+            &origin,
+            loc,
+            format!("{who} is missing the required key `{full}`"),
+        )
+        .expected(format!("a `{name}:` entry"));
     }
     let (origin, loc) = place(raw, stage, path, false);
-    let expected = message.split_once(", expected ").map(|(_, e)| e.to_string());
-    let mut d = Diagnostic::new(&origin, loc, format!("invalid value for `{path}` in {who}: {message}"));
+    let expected = message
+        .split_once(", expected ")
+        .map(|(_, e)| e.to_string());
+    let mut d = Diagnostic::new(
+        &origin,
+        loc,
+        format!("invalid value for `{path}` in {who}: {message}"),
+    );
     if let Some(e) = expected {
         d = d.expected(e);
     }
@@ -299,7 +346,11 @@ fn expected_names(message: &str) -> Vec<String> {
     let Some((_, list)) = message.split_once("expected ") else {
         return Vec::new();
     };
-    list.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    list.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
 }
 
 fn schema_properties(schema: &Json) -> BTreeSet<String> {
@@ -331,8 +382,12 @@ fn check_defaults_are_used(raw: &RawPipeline, registry: &Registry, diags: &mut V
     for (key, _) in &raw.defaults {
         if !accepted.contains(&key.name) {
             diags.push(
-                Diagnostic::new(&raw.origin(), key.loc, format!("no stage of this pipeline takes the default `{}`", key.name))
-                    .suggest(&key.name, accepted.iter().map(String::as_str)),
+                Diagnostic::new(
+                    &raw.origin(),
+                    key.loc,
+                    format!("no stage of this pipeline takes the default `{}`", key.name),
+                )
+                .suggest(&key.name, accepted.iter().map(String::as_str)),
             );
         }
     }
@@ -356,9 +411,16 @@ fn resolve(
     };
     if reference.starts_with("hf://") {
         if port.external != ExternalPolicy::StageOrPathOrHub {
-            return Err(Diagnostic::new(&origin, loc, format!("`{}` of stage `{}` cannot be a hub reference", port.param, stage.name))
-                .expected(expected_for(port, all_names))
-                .hint("load it with a `load_pretrained` or `dataset` stage and reference that stage"));
+            return Err(Diagnostic::new(
+                &origin,
+                loc,
+                format!(
+                    "`{}` of stage `{}` cannot be a hub reference",
+                    port.param, stage.name
+                ),
+            )
+            .expected(expected_for(port, all_names))
+            .hint("load it with a `load_pretrained` or `dataset` stage and reference that stage"));
         }
         return Ok(input(Source::Hub(reference.to_string()), None));
     }
@@ -367,17 +429,28 @@ fn resolve(
         None => (reference, None),
     };
     if head == stage.name && outputs.contains_key(head) {
-        return Err(Diagnostic::new(&origin, loc, format!("stage `{}` refers to its own output", stage.name))
-            .hint("a stage cannot read what it writes; reference an upstream stage"));
+        return Err(Diagnostic::new(
+            &origin,
+            loc,
+            format!("stage `{}` refers to its own output", stage.name),
+        )
+        .hint("a stage cannot read what it writes; reference an upstream stage"));
     }
     if let Some(ports) = outputs.get(reference).or_else(|| outputs.get(head)) {
-        let stage_name = if outputs.contains_key(reference) { reference } else { head };
+        let stage_name = if outputs.contains_key(reference) {
+            reference
+        } else {
+            head
+        };
         let wanted = if stage_name == reference { None } else { tail };
         let chosen = match wanted {
             Some(out) => ports.iter().find(|p| p.name == out),
             None if ports.len() == 1 => ports.first(),
             None => {
-                let names: Vec<String> = ports.iter().map(|p| format!("`{stage_name}.{}`", p.name)).collect();
+                let names: Vec<String> = ports
+                    .iter()
+                    .map(|p| format!("`{stage_name}.{}`", p.name))
+                    .collect();
                 return Err(Diagnostic::new(&origin, loc, format!("stage `{stage_name}` has several outputs; say which one `{}` of stage `{}` reads", port.param, stage.name))
                     .expected(format!("one of {}", names.join(", "))));
             }
@@ -389,21 +462,37 @@ fn resolve(
                 return Ok(input(Source::Path(local), None));
             }
             let names: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
-            return Err(Diagnostic::new(&origin, loc, format!("stage `{stage_name}` has no output `{out}`"))
-                .expected(one_of(names.iter().copied()))
-                .suggest(out, names.iter().copied()));
+            return Err(Diagnostic::new(
+                &origin,
+                loc,
+                format!("stage `{stage_name}` has no output `{out}`"),
+            )
+            .expected(one_of(names.iter().copied()))
+            .suggest(out, names.iter().copied()));
         };
         if !port.accepts.is_empty() && !port.accepts.contains(&output.kind) {
             let wanted: Vec<&str> = port.accepts.iter().map(|k| k.as_str()).collect();
             return Err(Diagnostic::new(
                 &origin,
                 loc,
-                format!("`{}` of stage `{}` needs {}, but `{reference}` is {}", port.param, stage.name, article_list(&wanted), article(output.kind.as_str())),
+                format!(
+                    "`{}` of stage `{}` needs {}, but `{reference}` is {}",
+                    port.param,
+                    stage.name,
+                    article_list(&wanted),
+                    article(output.kind.as_str())
+                ),
             )
-            .expected(format!("a reference to a stage that outputs {}", article_list(&wanted))));
+            .expected(format!(
+                "a reference to a stage that outputs {}",
+                article_list(&wanted)
+            )));
         }
         return Ok(input(
-            Source::Stage { stage: stage_name.to_string(), output: output.name.clone() },
+            Source::Stage {
+                stage: stage_name.to_string(),
+                output: output.name.clone(),
+            },
             Some(output.kind),
         ));
     }
@@ -416,9 +505,16 @@ fn resolve(
             .expected(expected_for(port, all_names))
             .suggest(head, all_names.iter().copied()));
     }
-    Err(Diagnostic::new(&origin, loc, format!("`{}` of stage `{}` refers to `{reference}`, which is not a stage", port.param, stage.name))
-        .expected(expected_for(port, all_names))
-        .suggest(head, all_names.iter().copied()))
+    Err(Diagnostic::new(
+        &origin,
+        loc,
+        format!(
+            "`{}` of stage `{}` refers to `{reference}`, which is not a stage",
+            port.param, stage.name
+        ),
+    )
+    .expected(expected_for(port, all_names))
+    .suggest(head, all_names.iter().copied()))
 }
 
 /// Paths in a pipeline are relative to the working directory, like every path on the
@@ -431,7 +527,9 @@ fn expected_for(port: &InputPort, all_names: &[&str]) -> String {
     let stages = one_of(all_names.iter().copied());
     match port.external {
         ExternalPolicy::StageOnly => format!("a stage name: {stages}"),
-        ExternalPolicy::StageOrPath => format!("a stage name ({stages}) or an existing file or folder"),
+        ExternalPolicy::StageOrPath => {
+            format!("a stage name ({stages}) or an existing file or folder")
+        }
         ExternalPolicy::StageOrPathOrHub => {
             format!("a stage name ({stages}), an existing file or folder, or `hf://org/name[@revision]`")
         }
@@ -446,5 +544,9 @@ fn article(word: &str) -> String {
 }
 
 fn article_list(words: &[&str]) -> String {
-    words.iter().map(|w| article(w)).collect::<Vec<_>>().join(" or ")
+    words
+        .iter()
+        .map(|w| article(w))
+        .collect::<Vec<_>>()
+        .join(" or ")
 }

@@ -49,7 +49,11 @@ impl Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.loc.is_known() {
-            write!(f, "{}:{}:{}: {}", self.origin, self.loc.line, self.loc.col, self.message)?;
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.origin, self.loc.line, self.loc.col, self.message
+            )?;
         } else {
             write!(f, "{}: {}", self.origin, self.message)?;
         }
@@ -116,7 +120,10 @@ mod tests {
 
     #[test]
     fn nearest_finds_a_one_letter_typo() {
-        assert_eq!(nearest("learning_rat", ["learning_rate", "lora", "epochs"]), Some("learning_rate"));
+        assert_eq!(
+            nearest("learning_rat", ["learning_rate", "lora", "epochs"]),
+            Some("learning_rate")
+        );
     }
 
     #[test]

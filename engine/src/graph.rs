@@ -9,7 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 fn build(stages: &[CheckedStage]) -> (DiGraph<usize, ()>, Vec<NodeIndex>) {
     let mut graph = DiGraph::new();
     let nodes: Vec<NodeIndex> = (0..stages.len()).map(|i| graph.add_node(i)).collect();
-    let index: BTreeMap<&str, usize> = stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    let index: BTreeMap<&str, usize> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
     for (i, stage) in stages.iter().enumerate() {
         for upstream in stage.upstream() {
             if let Some(&j) = index.get(upstream.as_str()) {
@@ -24,7 +28,10 @@ fn build(stages: &[CheckedStage]) -> (DiGraph<usize, ()>, Vec<NodeIndex>) {
 /// first in the file goes first. On a cycle, returns the stage names along it.
 pub fn topological_order(stages: &[CheckedStage]) -> Result<Vec<CheckedStage>, Vec<String>> {
     let (graph, nodes) = build(stages);
-    let mut indegree: Vec<usize> = nodes.iter().map(|&n| graph.neighbors_directed(n, petgraph::Incoming).count()).collect();
+    let mut indegree: Vec<usize> = nodes
+        .iter()
+        .map(|&n| graph.neighbors_directed(n, petgraph::Incoming).count())
+        .collect();
     let mut ready: BTreeSet<usize> = (0..stages.len()).filter(|&i| indegree[i] == 0).collect();
     let mut order = Vec::with_capacity(stages.len());
     while let Some(i) = ready.pop_first() {
@@ -66,7 +73,10 @@ fn find_cycle(stages: &[CheckedStage], graph: &DiGraph<usize, ()>) -> Vec<String
                 .min();
             let Some(next) = next else { break };
             if let Some(pos) = path.iter().position(|&p| p == next) {
-                return path[pos..].iter().map(|&i| stages[i].name.clone()).collect();
+                return path[pos..]
+                    .iter()
+                    .map(|&i| stages[i].name.clone())
+                    .collect();
             }
             path.push(next);
             current = next;
@@ -80,8 +90,16 @@ pub fn edges(pipeline: &Pipeline) -> Vec<(String, String, String)> {
     let mut edges = Vec::new();
     for stage in &pipeline.stages {
         for input in &stage.inputs {
-            if let Source::Stage { stage: from, output } = &input.source {
-                edges.push((from.clone(), stage.name.clone(), format!("{output} → {}", input.name)));
+            if let Source::Stage {
+                stage: from,
+                output,
+            } = &input.source
+            {
+                edges.push((
+                    from.clone(),
+                    stage.name.clone(),
+                    format!("{output} → {}", input.name),
+                ));
             }
         }
         for after in &stage.after {
@@ -98,7 +116,12 @@ pub fn render_text(pipeline: &Pipeline) -> String {
         if upstream.is_empty() {
             out.push_str(&format!("{} ({})\n", stage.name, stage.kind));
         } else {
-            out.push_str(&format!("{} ({}) ← {}\n", stage.name, stage.kind, upstream.join(", ")));
+            out.push_str(&format!(
+                "{} ({}) ← {}\n",
+                stage.name,
+                stage.kind,
+                upstream.join(", ")
+            ));
         }
     }
     out
@@ -107,7 +130,10 @@ pub fn render_text(pipeline: &Pipeline) -> String {
 pub fn render_dot(pipeline: &Pipeline) -> String {
     let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n", pipeline.name);
     for stage in &pipeline.stages {
-        out.push_str(&format!("  \"{}\" [label=\"{}\\n{}\", shape=box];\n", stage.name, stage.name, stage.kind));
+        out.push_str(&format!(
+            "  \"{}\" [label=\"{}\\n{}\", shape=box];\n",
+            stage.name, stage.name, stage.kind
+        ));
     }
     for (from, to, label) in edges(pipeline) {
         out.push_str(&format!("  \"{from}\" -> \"{to}\" [label=\"{label}\"];\n"));
@@ -119,7 +145,10 @@ pub fn render_dot(pipeline: &Pipeline) -> String {
 pub fn render_mermaid(pipeline: &Pipeline) -> String {
     let mut out = String::from("flowchart LR\n");
     for stage in &pipeline.stages {
-        out.push_str(&format!("  {}[\"{}<br/>{}\"]\n", stage.name, stage.name, stage.kind));
+        out.push_str(&format!(
+            "  {}[\"{}<br/>{}\"]\n",
+            stage.name, stage.name, stage.kind
+        ));
     }
     for (from, to, label) in edges(pipeline) {
         out.push_str(&format!("  {from} -->|{label}| {to}\n"));

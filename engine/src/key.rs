@@ -118,7 +118,13 @@ pub fn flatten(value: &Json) -> BTreeMap<String, String> {
 }
 
 fn flatten_into(value: &Json, prefix: String, out: &mut BTreeMap<String, String>) {
-    let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
     match value {
         Json::Object(map) if !map.is_empty() => {
             for (k, v) in map {

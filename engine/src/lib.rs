@@ -7,19 +7,19 @@ pub mod check;
 pub mod context;
 pub mod diagnostic;
 pub mod graph;
-pub mod overrides;
-pub mod spec;
 pub mod hub;
 pub mod key;
 pub mod lockfile;
-pub mod yaml;
 pub mod metrics;
+pub mod overrides;
 pub mod progress;
 pub mod registry;
 pub mod run;
 pub mod schema;
+pub mod spec;
 pub mod stage;
 pub mod status;
+pub mod yaml;
 
 pub use artifact::ArtifactKind;
 pub use context::{InputArtifact, StageContext};
@@ -29,7 +29,11 @@ pub use stage::{ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage,
 use std::path::Path;
 
 /// Reads, overrides and checks a pipeline file: everything `rlhf` does before running.
-pub fn load_pipeline(file: &Path, overrides: &[String], registry: &Registry) -> Result<check::Pipeline, diagnostic::PipelineError> {
+pub fn load_pipeline(
+    file: &Path,
+    overrides: &[String],
+    registry: &Registry,
+) -> Result<check::Pipeline, diagnostic::PipelineError> {
     let mut raw = spec::load(file)?;
     overrides::apply(&mut raw, overrides)?;
     check::check(&raw, registry)

@@ -40,11 +40,17 @@ pub struct LockedStage {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("cannot read the lock file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the lock file {path} is not a valid rlhf lock file: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("cannot write the lock file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `pipelines/x.yaml` → `pipelines/x.lock`.
@@ -56,7 +62,12 @@ pub fn read(path: &Path) -> Result<Option<LockFile>, LockError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(LockError::Read { path: path.into(), source }),
+        Err(source) => {
+            return Err(LockError::Read {
+                path: path.into(),
+                source,
+            })
+        }
     };
     let lock: LockFile = serde_json::from_str(&text).map_err(|e| LockError::Invalid {
         path: path.into(),
@@ -65,7 +76,10 @@ pub fn read(path: &Path) -> Result<Option<LockFile>, LockError> {
     if lock.lock_format != LOCK_FORMAT {
         return Err(LockError::Invalid {
             path: path.into(),
-            reason: format!("lock_format {} (this rlhf reads {LOCK_FORMAT})", lock.lock_format),
+            reason: format!(
+                "lock_format {} (this rlhf reads {LOCK_FORMAT})",
+                lock.lock_format
+            ),
         });
     }
     Ok(Some(lock))
@@ -73,8 +87,12 @@ pub fn read(path: &Path) -> Result<Option<LockFile>, LockError> {
 
 /// Writes atomically (temp file in the same folder, fsync, rename).
 pub fn write(path: &Path, lock: &LockFile) -> Result<(), LockError> {
-    let err = |source| LockError::Write { path: path.into(), source };
-    let text = serde_json::to_string_pretty(lock).map_err(|e| err(std::io::Error::other(e)))? + "\n";
+    let err = |source| LockError::Write {
+        path: path.into(),
+        source,
+    };
+    let text =
+        serde_json::to_string_pretty(lock).map_err(|e| err(std::io::Error::other(e)))? + "\n";
     if std::fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
         return Ok(());
     }

@@ -41,7 +41,9 @@ fn apply_one(pipeline: &mut RawPipeline, argument: &str) -> Result<(), Diagnosti
     let origin = format!("--set {argument}");
     let usage = "STAGE.KEY=VALUE, e.g. `--set sft.learning_rate=2e-4` or `--set ppo.kl.coef=0.1`";
     let Some((target, text)) = argument.split_once('=') else {
-        return Err(Diagnostic::new(&origin, Loc::default(), "an override needs `=`").expected(usage));
+        return Err(
+            Diagnostic::new(&origin, Loc::default(), "an override needs `=`").expected(usage),
+        );
     };
     if target == "seed" {
         return match text.trim().parse::<u64>() {
@@ -49,29 +51,58 @@ fn apply_one(pipeline: &mut RawPipeline, argument: &str) -> Result<(), Diagnosti
                 pipeline.seed = seed;
                 Ok(())
             }
-            Err(_) => Err(Diagnostic::new(&origin, Loc::default(), format!("`seed` must be a non-negative integer, got `{text}`"))),
+            Err(_) => Err(Diagnostic::new(
+                &origin,
+                Loc::default(),
+                format!("`seed` must be a non-negative integer, got `{text}`"),
+            )),
         };
     }
     let Some((stage_name, path)) = target.split_once('.') else {
-        return Err(Diagnostic::new(&origin, Loc::default(), format!("`{target}` names no parameter")).expected(usage));
+        return Err(Diagnostic::new(
+            &origin,
+            Loc::default(),
+            format!("`{target}` names no parameter"),
+        )
+        .expected(usage));
     };
     let stage_names: Vec<String> = pipeline.stages.iter().map(|s| s.name.clone()).collect();
     let Some(stage) = pipeline.stages.iter_mut().find(|s| s.name == stage_name) else {
-        return Err(Diagnostic::new(&origin, Loc::default(), format!("no stage named `{stage_name}`"))
-            .expected(crate::diagnostic::one_of(stage_names.iter().map(String::as_str)))
-            .suggest(stage_name, stage_names.iter().map(String::as_str)));
+        return Err(Diagnostic::new(
+            &origin,
+            Loc::default(),
+            format!("no stage named `{stage_name}`"),
+        )
+        .expected(crate::diagnostic::one_of(
+            stage_names.iter().map(String::as_str),
+        ))
+        .suggest(stage_name, stage_names.iter().map(String::as_str)));
     };
     if path.is_empty() || path.split('.').any(str::is_empty) {
-        return Err(Diagnostic::new(&origin, Loc::default(), format!("`{target}` is not a valid parameter path")).expected(usage));
+        return Err(Diagnostic::new(
+            &origin,
+            Loc::default(),
+            format!("`{target}` is not a valid parameter path"),
+        )
+        .expected(usage));
     }
     if path == "kind" || path == "after" {
-        return Err(Diagnostic::new(&origin, Loc::default(), format!("`{path}` of a stage cannot be overridden"))
-            .hint("edit the pipeline file to change a stage's kind or ordering"));
+        return Err(Diagnostic::new(
+            &origin,
+            Loc::default(),
+            format!("`{path}` of a stage cannot be overridden"),
+        )
+        .hint("edit the pipeline file to change a stage's kind or ordering"));
     }
     let value = yaml::parse(text).map_err(|e| {
-        Diagnostic::new(&origin, Loc::default(), format!("the value `{text}` is not valid YAML: {}", e.message))
+        Diagnostic::new(
+            &origin,
+            Loc::default(),
+            format!("the value `{text}` is not valid YAML: {}", e.message),
+        )
     })?;
-    set_path(&mut stage.params, path, strip_locations(value)).map_err(|message| Diagnostic::new(&origin, Loc::default(), message))?;
+    set_path(&mut stage.params, path, strip_locations(value))
+        .map_err(|message| Diagnostic::new(&origin, Loc::default(), message))?;
     pipeline.overrides.push(Override {
         stage: stage_name.to_string(),
         path: path.to_string(),
@@ -88,7 +119,15 @@ fn strip_locations(mut node: Node) -> Node {
         NodeValue::Map(entries) => NodeValue::Map(
             entries
                 .into_iter()
-                .map(|(k, v)| (Key { name: k.name, loc: Loc::default() }, strip_locations(v)))
+                .map(|(k, v)| {
+                    (
+                        Key {
+                            name: k.name,
+                            loc: Loc::default(),
+                        },
+                        strip_locations(v),
+                    )
+                })
                 .collect(),
         ),
         other => other,
@@ -109,7 +148,13 @@ fn set_path(node: &mut Node, path: &str, value: Node) -> Result<(), String> {
             let index = match entries.iter().position(|(k, _)| k.name == head) {
                 Some(i) => i,
                 None => {
-                    entries.push((Key { name: head.to_string(), loc: Loc::default() }, Node::new(NodeValue::Null, Loc::default())));
+                    entries.push((
+                        Key {
+                            name: head.to_string(),
+                            loc: Loc::default(),
+                        },
+                        Node::new(NodeValue::Null, Loc::default()),
+                    ));
                     entries.len() - 1
                 }
             };
@@ -123,9 +168,13 @@ fn set_path(node: &mut Node, path: &str, value: Node) -> Result<(), String> {
             }
         }
         NodeValue::Seq(items) => {
-            let i: usize = head.parse().map_err(|_| format!("`{head}` is not a list index"))?;
+            let i: usize = head
+                .parse()
+                .map_err(|_| format!("`{head}` is not a list index"))?;
             let len = items.len();
-            let slot = items.get_mut(i).ok_or_else(|| format!("index {i} is past the end of a list of {len}"))?;
+            let slot = items
+                .get_mut(i)
+                .ok_or_else(|| format!("index {i} is past the end of a list of {len}"))?;
             match rest {
                 None => {
                     *slot = value;
@@ -134,6 +183,9 @@ fn set_path(node: &mut Node, path: &str, value: Node) -> Result<(), String> {
                 Some(rest) => set_path(slot, rest, value),
             }
         }
-        _ => Err(format!("`{head}` is inside {}, which has no keys", node.type_name())),
+        _ => Err(format!(
+            "`{head}` is inside {}, which has no keys",
+            node.type_name()
+        )),
     }
 }

@@ -102,7 +102,10 @@ impl RunReport {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{message}")]
-    Invalid { message: String, hint: Option<String> },
+    Invalid {
+        message: String,
+        hint: Option<String>,
+    },
     #[error(transparent)]
     Cache(#[from] rlhf_cache::CacheError),
     #[error(transparent)]
@@ -111,7 +114,10 @@ pub enum RunError {
 
 impl RunError {
     fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        RunError::Invalid { message: message.into(), hint: Some(hint.into()) }
+        RunError::Invalid {
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
     }
 }
 
@@ -140,7 +146,11 @@ impl ArtifactLookup for CacheLookup {
 
 impl<'a> Engine<'a> {
     pub fn new(registry: &'a Registry, cache: Cache, hub: Option<&'a dyn HubResolver>) -> Self {
-        Engine { registry, cache, hub }
+        Engine {
+            registry,
+            cache,
+            hub,
+        }
     }
 
     /// Checks `--force`/`--until` names against the pipeline.
@@ -152,7 +162,10 @@ impl<'a> Engine<'a> {
                     Some(n) => format!("did you mean `{n}`?"),
                     None => format!("stages: {}", names.join(", ")),
                 };
-                return Err(RunError::invalid(format!("no stage named `{name}` in {}", pipeline.file.display()), hint));
+                return Err(RunError::invalid(
+                    format!("no stage named `{name}` in {}", pipeline.file.display()),
+                    hint,
+                ));
             }
         }
         Ok(())
@@ -174,7 +187,11 @@ impl<'a> Engine<'a> {
         selected: &BTreeSet<String>,
     ) -> BTreeMap<String, Result<ResolvedExternal, (String, Option<String>)>> {
         let mut resolved = BTreeMap::new();
-        for stage in pipeline.stages.iter().filter(|s| selected.contains(&s.name)) {
+        for stage in pipeline
+            .stages
+            .iter()
+            .filter(|s| selected.contains(&s.name))
+        {
             for input in &stage.inputs {
                 if resolved.contains_key(&input.reference) {
                     continue;
@@ -184,7 +201,11 @@ impl<'a> Engine<'a> {
                     Source::Path(path) => self
                         .cache
                         .digest_external(path)
-                        .map(|digest| ResolvedExternal { path: path.clone(), digest, revision: None })
+                        .map(|digest| ResolvedExternal {
+                            path: path.clone(),
+                            digest,
+                            revision: None,
+                        })
                         .map_err(|e| (format!("cannot read `{}`: {e}", input.reference), None)),
                     Source::Hub(reference) => self.resolve_hub(reference),
                 };
@@ -196,14 +217,26 @@ impl<'a> Engine<'a> {
 
     fn resolve_hub(&self, reference: &str) -> Result<ResolvedExternal, (String, Option<String>)> {
         let Some(hub) = self.hub else {
-            return Err((format!("`{reference}`: this build has no hub access"), Some("point the reference at a local folder".into())));
+            return Err((
+                format!("`{reference}`: this build has no hub access"),
+                Some("point the reference at a local folder".into()),
+            ));
         };
         let resolved = hub.resolve(reference).map_err(|e| (e.message, e.hint))?;
         let digest = self
             .cache
             .digest_external(&resolved.local_path)
-            .map_err(|e| (format!("cannot read the local copy of `{reference}`: {e}"), None))?;
-        Ok(ResolvedExternal { path: resolved.local_path, digest, revision: Some(resolved.revision) })
+            .map_err(|e| {
+                (
+                    format!("cannot read the local copy of `{reference}`: {e}"),
+                    None,
+                )
+            })?;
+        Ok(ResolvedExternal {
+            path: resolved.local_path,
+            digest,
+            revision: Some(resolved.revision),
+        })
     }
 
     /// Runs the pipeline; see [`RunOptions`].
@@ -220,16 +253,29 @@ impl<'a> Engine<'a> {
         let mut report = RunReport::default();
         let mut produced: BTreeMap<(String, String), String> = BTreeMap::new();
         let mut stopped = false;
-        for stage in pipeline.stages.iter().filter(|s| selected.contains(&s.name)) {
+        for stage in pipeline
+            .stages
+            .iter()
+            .filter(|s| selected.contains(&s.name))
+        {
             let stage_report = if stopped {
                 skipped(stage, "not started: an earlier stage failed (use --keep-going to run independent stages)")
             } else {
-                self.run_stage(stage, options, &externals, &produced, &report.stages, &mut report.warnings)
+                self.run_stage(
+                    stage,
+                    options,
+                    &externals,
+                    &produced,
+                    &report.stages,
+                    &mut report.warnings,
+                )
             };
             for (name, info) in &stage_report.outputs {
                 produced.insert((stage.name.clone(), name.clone()), info.digest.clone());
             }
-            if matches!(stage_report.status, Outcome::Failed | Outcome::Waiting) && !options.keep_going {
+            if matches!(stage_report.status, Outcome::Failed | Outcome::Waiting)
+                && !options.keep_going
+            {
                 stopped = true;
             }
             report.stages.push(stage_report);
@@ -252,23 +298,41 @@ impl<'a> Engine<'a> {
         warnings: &mut Vec<String>,
     ) -> StageReport {
         if let Some(blocker) = stage.upstream().into_iter().find(|u| {
-            so_far.iter().any(|r| &r.stage == u && !matches!(r.status, Outcome::Ran | Outcome::Cached | Outcome::Verified | Outcome::Mismatch))
+            so_far.iter().any(|r| {
+                &r.stage == u
+                    && !matches!(
+                        r.status,
+                        Outcome::Ran | Outcome::Cached | Outcome::Verified | Outcome::Mismatch
+                    )
+            })
         }) {
-            return skipped(stage, &format!("skipped: upstream stage `{blocker}` did not finish"));
+            return skipped(
+                stage,
+                &format!("skipped: upstream stage `{blocker}` did not finish"),
+            );
         }
         let inputs = match self.stage_inputs(stage, externals, produced) {
             Ok(inputs) => inputs,
             Err((message, hint)) => return failed(stage, None, message, hint, None, 0.0),
         };
-        let digests: BTreeMap<String, String> = inputs.iter().map(|(k, v)| (k.clone(), v.digest.clone())).collect();
+        let digests: BTreeMap<String, String> = inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.digest.clone()))
+            .collect();
         let key = stage_key(stage, &digests);
         let key_lock = match self.cache.lock_key(&key) {
             Ok(l) => l,
             Err(e) => return failed(stage, Some(&key), e.to_string(), None, None, 0.0),
         };
-        let cached = if options.force.contains(&stage.name) { None } else { self.cached_record(&key, warnings) };
+        let cached = if options.force.contains(&stage.name) {
+            None
+        } else {
+            self.cached_record(&key, warnings)
+        };
         let report = match cached {
-            Some(record) if options.verify => self.verify_stage(stage, &key, inputs, &record, options),
+            Some(record) if options.verify => {
+                self.verify_stage(stage, &key, inputs, &record, options)
+            }
             Some(record) => cached_report(stage, &self.cache, &record),
             None => self.execute(stage, &key, inputs, &digests, options),
         };
@@ -288,7 +352,9 @@ impl<'a> Engine<'a> {
                             return None;
                         }
                         ArtifactHealth::Damaged(reason) => {
-                            warnings.push(format!("artifact {digest} is damaged ({reason}); recomputing"));
+                            warnings.push(format!(
+                                "artifact {digest} is damaged ({reason}); recomputing"
+                            ));
                             let _ = self.cache.remove_artifact(digest);
                             return None;
                         }
@@ -313,7 +379,10 @@ impl<'a> Engine<'a> {
         let mut inputs = BTreeMap::new();
         for input in &stage.inputs {
             let artifact = match &input.source {
-                Source::Stage { stage: upstream, output } => {
+                Source::Stage {
+                    stage: upstream,
+                    output,
+                } => {
                     let digest = produced.get(&(upstream.clone(), output.clone())).ok_or_else(|| {
                         (format!("input `{}` of stage `{}`: stage `{upstream}` has not produced `{output}`", input.name, stage.name), None)
                     })?;
@@ -325,11 +394,19 @@ impl<'a> Engine<'a> {
                     }
                 }
                 Source::Path(_) | Source::Hub(_) => {
-                    let resolved = externals
-                        .get(&input.reference)
-                        .cloned()
-                        .unwrap_or_else(|| Err((format!("`{}` was not resolved", input.reference), None)))?;
-                    InputArtifact { path: resolved.path, kind: None, digest: resolved.digest, reference: input.reference.clone() }
+                    let resolved =
+                        externals
+                            .get(&input.reference)
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                Err((format!("`{}` was not resolved", input.reference), None))
+                            })?;
+                    InputArtifact {
+                        path: resolved.path,
+                        kind: None,
+                        digest: resolved.digest,
+                        reference: input.reference.clone(),
+                    }
                 }
             };
             inputs.insert(input.name.clone(), artifact);
@@ -350,15 +427,24 @@ impl<'a> Engine<'a> {
             .registry
             .get(&stage.kind)
             .ok_or_else(|| (format!("unknown stage kind `{}`", stage.kind), None, false))?;
-        let log_dir = self.cache.log_dir(key).map_err(|e| (e.to_string(), None, false))?;
+        let log_dir = self
+            .cache
+            .log_dir(key)
+            .map_err(|e| (e.to_string(), None, false))?;
         let mut staging = Vec::new();
         for output in &stage.outputs {
-            let dir = self.cache.staging_dir().map_err(|e| (e.to_string(), None, false))?;
+            let dir = self
+                .cache
+                .staging_dir()
+                .map_err(|e| (e.to_string(), None, false))?;
             staging.push((output.name.clone(), dir));
         }
         let timings = log_dir.join("timings.jsonl");
         let _ = std::fs::remove_file(&timings);
-        let metrics = MetricsSink::new(staging.first().map(|(_, d)| d.path().to_path_buf()), Some(timings));
+        let metrics = MetricsSink::new(
+            staging.first().map(|(_, d)| d.path().to_path_buf()),
+            Some(timings),
+        );
         let style = options.progress.unwrap_or_else(ProgressStyleKind::detect);
         let mut ctx = StageContext::new(&stage.name, &stage.kind, stage.seed, scratch, log_dir)
             .with_metrics(metrics)
@@ -371,7 +457,9 @@ impl<'a> Engine<'a> {
         for (name, dir) in &staging {
             ctx = ctx.with_output(name, dir.path().to_path_buf());
         }
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&stage.params, &mut ctx)));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            kind.run(&stage.params, &mut ctx)
+        }));
         let result = match result {
             Ok(r) => r,
             Err(panic) => {
@@ -380,12 +468,17 @@ impl<'a> Engine<'a> {
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".into());
-                Err(StageError::failed(format!("stage `{}` panicked: {what}", stage.name)))
+                Err(StageError::failed(format!(
+                    "stage `{}` panicked: {what}",
+                    stage.name
+                )))
             }
         };
         match result {
             Ok(()) => {
-                ctx.metrics.finish().map_err(|e| (e.to_string(), None, false))?;
+                ctx.metrics
+                    .finish()
+                    .map_err(|e| (e.to_string(), None, false))?;
                 let summary = Json::Object(ctx.metrics.summary().clone());
                 Ok((staging, summary))
             }
@@ -415,7 +508,14 @@ impl<'a> Engine<'a> {
         let (staging, metrics) = match self.invoke(stage, key, inputs, scratch, options) {
             Ok(done) => done,
             Err((message, hint, waiting)) => {
-                let mut r = failed(stage, Some(key), message, hint, log_dir, started.elapsed().as_secs_f64());
+                let mut r = failed(
+                    stage,
+                    Some(key),
+                    message,
+                    hint,
+                    log_dir,
+                    started.elapsed().as_secs_f64(),
+                );
                 if waiting {
                     r.status = Outcome::Waiting;
                 }
@@ -426,9 +526,24 @@ impl<'a> Engine<'a> {
         for (name, dir) in staging {
             match self.cache.commit_artifact(dir) {
                 Ok(digest) => {
-                    outputs.insert(name, OutputInfo { path: self.cache.artifact_path(&digest), digest });
+                    outputs.insert(
+                        name,
+                        OutputInfo {
+                            path: self.cache.artifact_path(&digest),
+                            digest,
+                        },
+                    );
                 }
-                Err(e) => return failed(stage, Some(key), format!("cannot store output `{name}`: {e}"), None, log_dir, 0.0),
+                Err(e) => {
+                    return failed(
+                        stage,
+                        Some(key),
+                        format!("cannot store output `{name}`: {e}"),
+                        None,
+                        log_dir,
+                        0.0,
+                    )
+                }
             }
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -439,7 +554,10 @@ impl<'a> Engine<'a> {
             kind: stage.kind.clone(),
             params: stage.params.clone(),
             inputs: digests.clone(),
-            outputs: outputs.iter().map(|(k, v)| (k.clone(), v.digest.clone())).collect(),
+            outputs: outputs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.digest.clone()))
+                .collect(),
             metrics: metrics.clone(),
             seconds,
             created_unix: std::time::SystemTime::now()
@@ -448,7 +566,14 @@ impl<'a> Engine<'a> {
                 .unwrap_or(0),
         };
         if let Err(e) = self.cache.write_record(&record) {
-            return failed(stage, Some(key), format!("cannot write the cache record: {e}"), None, log_dir, seconds);
+            return failed(
+                stage,
+                Some(key),
+                format!("cannot write the cache record: {e}"),
+                None,
+                log_dir,
+                seconds,
+            );
         }
         let _ = self.cache.clear_scratch(key);
         StageReport {
@@ -482,14 +607,25 @@ impl<'a> Engine<'a> {
         let mut report = cached_report(stage, &self.cache, record);
         report.seconds = 0.0;
         match self.invoke(stage, key, inputs, scratch.path().to_path_buf(), options) {
-            Err((message, hint, _)) => return failed(stage, Some(key), message, hint, None, started.elapsed().as_secs_f64()),
+            Err((message, hint, _)) => {
+                return failed(
+                    stage,
+                    Some(key),
+                    message,
+                    hint,
+                    None,
+                    started.elapsed().as_secs_f64(),
+                )
+            }
             Ok((staging, _)) => {
                 let mut mismatches = Vec::new();
                 for (name, dir) in &staging {
                     let recorded = record.outputs.get(name).cloned().unwrap_or_default();
                     match rlhf_cache::digest_dir(dir.path()) {
                         Ok(got) if got == recorded => {}
-                        Ok(got) => mismatches.push(format!("output `{name}`: recorded {recorded}, recomputed {got}")),
+                        Ok(got) => mismatches.push(format!(
+                            "output `{name}`: recorded {recorded}, recomputed {got}"
+                        )),
                         Err(e) => mismatches.push(format!("output `{name}`: {e}")),
                     }
                 }
@@ -498,7 +634,11 @@ impl<'a> Engine<'a> {
                     report.status = Outcome::Verified;
                 } else {
                     report.status = Outcome::Mismatch;
-                    report.message = Some(format!("stage `{}` does not reproduce: {}", stage.name, mismatches.join("; ")));
+                    report.message = Some(format!(
+                        "stage `{}` does not reproduce: {}",
+                        stage.name,
+                        mismatches.join("; ")
+                    ));
                     report.hint = Some("the stage is not deterministic for these inputs, or the cached artifact came from another build".into());
                 }
             }
@@ -517,7 +657,15 @@ fn cached_report(stage: &CheckedStage, cache: &Cache, record: &Record) -> StageR
         outputs: record
             .outputs
             .iter()
-            .map(|(k, d)| (k.clone(), OutputInfo { digest: d.clone(), path: cache.artifact_path(d) }))
+            .map(|(k, d)| {
+                (
+                    k.clone(),
+                    OutputInfo {
+                        digest: d.clone(),
+                        path: cache.artifact_path(d),
+                    },
+                )
+            })
             .collect(),
         metrics: record.metrics.clone(),
         message: None,
@@ -541,7 +689,14 @@ fn skipped(stage: &CheckedStage, reason: &str) -> StageReport {
     }
 }
 
-fn failed(stage: &CheckedStage, key: Option<&str>, message: String, hint: Option<String>, log_dir: Option<PathBuf>, seconds: f64) -> StageReport {
+fn failed(
+    stage: &CheckedStage,
+    key: Option<&str>,
+    message: String,
+    hint: Option<String>,
+    log_dir: Option<PathBuf>,
+    seconds: f64,
+) -> StageReport {
     StageReport {
         stage: stage.name.clone(),
         kind: stage.kind.clone(),
@@ -572,14 +727,18 @@ fn check_locked(
         let Ok(resolved) = resolved else { continue };
         match lock.externals.get(reference) {
             None => differences.push(format!("`{reference}` is not in the lock file")),
-            Some(locked) if locked.digest != resolved.digest => {
-                differences.push(format!("`{reference}` changed: locked {}, now {}", short(&locked.digest), short(&resolved.digest)))
-            }
-            Some(locked) if locked.revision.is_some() && locked.revision != resolved.revision => differences.push(format!(
-                "`{reference}` resolved to revision {} but the lock says {}",
-                resolved.revision.clone().unwrap_or_default(),
-                locked.revision.clone().unwrap_or_default()
+            Some(locked) if locked.digest != resolved.digest => differences.push(format!(
+                "`{reference}` changed: locked {}, now {}",
+                short(&locked.digest),
+                short(&resolved.digest)
             )),
+            Some(locked) if locked.revision.is_some() && locked.revision != resolved.revision => {
+                differences.push(format!(
+                    "`{reference}` resolved to revision {} but the lock says {}",
+                    resolved.revision.clone().unwrap_or_default(),
+                    locked.revision.clone().unwrap_or_default()
+                ))
+            }
             Some(_) => {}
         }
     }
@@ -625,7 +784,9 @@ fn updated_lock(
         if !matches!(r.status, Outcome::Ran | Outcome::Cached | Outcome::Verified) {
             continue;
         }
-        let Some(stage) = pipeline.stage(&r.stage) else { continue };
+        let Some(stage) = pipeline.stage(&r.stage) else {
+            continue;
+        };
         let inputs = stage
             .inputs
             .iter()
@@ -637,13 +798,23 @@ fn updated_lock(
                 kind: r.kind.clone(),
                 key: r.key.clone().unwrap_or_default(),
                 inputs,
-                outputs: r.outputs.iter().map(|(k, v)| (k.clone(), v.digest.clone())).collect(),
+                outputs: r
+                    .outputs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.digest.clone()))
+                    .collect(),
             },
         );
     }
     for (reference, resolved) in externals {
         if let Ok(resolved) = resolved {
-            lock.externals.insert(reference.clone(), LockedExternal { digest: resolved.digest.clone(), revision: resolved.revision.clone() });
+            lock.externals.insert(
+                reference.clone(),
+                LockedExternal {
+                    digest: resolved.digest.clone(),
+                    revision: resolved.revision.clone(),
+                },
+            );
         }
     }
     let used: BTreeSet<&str> = pipeline
@@ -653,7 +824,8 @@ fn updated_lock(
         .filter(|i| !matches!(i.source, Source::Stage { .. }))
         .map(|i| i.reference.as_str())
         .collect();
-    lock.externals.retain(|reference, _| used.contains(reference.as_str()));
+    lock.externals
+        .retain(|reference, _| used.contains(reference.as_str()));
     lock
 }
 
@@ -669,6 +841,9 @@ fn input_digest(
             .find(|r| &r.stage == stage)
             .and_then(|r| r.outputs.get(output))
             .map(|o| o.digest.clone()),
-        _ => externals.get(&input.reference).and_then(|r| r.as_ref().ok()).map(|r| r.digest.clone()),
+        _ => externals
+            .get(&input.reference)
+            .and_then(|r| r.as_ref().ok())
+            .map(|r| r.digest.clone()),
     }
 }

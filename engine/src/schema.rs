@@ -19,7 +19,11 @@ pub fn pipeline_schema(registry: &Registry) -> Json {
                 defs.insert(format!("{name}.{def}"), value.clone());
             }
         }
-        let mut properties = schema.get("properties").and_then(Json::as_object).cloned().unwrap_or_default();
+        let mut properties = schema
+            .get("properties")
+            .and_then(Json::as_object)
+            .cloned()
+            .unwrap_or_default();
         properties.insert("kind".into(), json!({ "const": name }));
         properties.insert("after".into(), json!({ "type": "array", "items": { "type": "string" }, "description": "Stages to run before this one without reading their outputs" }));
         let mut required = vec![json!("kind")];

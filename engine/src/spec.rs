@@ -55,8 +55,12 @@ pub fn load(file: &Path) -> Result<RawPipeline, PipelineError> {
     let origin = file.display().to_string();
     let text = std::fs::read_to_string(file).map_err(|e| {
         PipelineError::one(
-            Diagnostic::new(&origin, Loc::default(), format!("cannot read the pipeline file: {e}"))
-                .hint("pass the path of a pipeline YAML file, e.g. pipelines/quickstart.yaml"),
+            Diagnostic::new(
+                &origin,
+                Loc::default(),
+                format!("cannot read the pipeline file: {e}"),
+            )
+            .hint("pass the path of a pipeline YAML file, e.g. pipelines/quickstart.yaml"),
         )
     })?;
     parse(file, &text)
@@ -72,17 +76,28 @@ pub fn parse(file: &Path, text: &str) -> Result<RawPipeline, PipelineError> {
         NodeValue::Map(entries) => entries.clone(),
         _ => {
             return Err(PipelineError::one(
-                Diagnostic::new(&origin, root.loc, format!("a pipeline file must be a mapping, found {}", root.type_name()))
-                    .expected("keys `name`, `seed`, `defaults`, `stages`"),
+                Diagnostic::new(
+                    &origin,
+                    root.loc,
+                    format!(
+                        "a pipeline file must be a mapping, found {}",
+                        root.type_name()
+                    ),
+                )
+                .expected("keys `name`, `seed`, `defaults`, `stages`"),
             ))
         }
     };
     for (key, _) in &entries {
         if !TOP_LEVEL_KEYS.contains(&key.name.as_str()) {
             diags.push(
-                Diagnostic::new(&origin, key.loc, format!("unknown top-level key `{}`", key.name))
-                    .expected(crate::diagnostic::one_of(TOP_LEVEL_KEYS))
-                    .suggest(&key.name, TOP_LEVEL_KEYS),
+                Diagnostic::new(
+                    &origin,
+                    key.loc,
+                    format!("unknown top-level key `{}`", key.name),
+                )
+                .expected(crate::diagnostic::one_of(TOP_LEVEL_KEYS))
+                .suggest(&key.name, TOP_LEVEL_KEYS),
             );
         }
     }
@@ -94,7 +109,10 @@ pub fn parse(file: &Path, text: &str) -> Result<RawPipeline, PipelineError> {
                 String::new()
             }
         },
-        None => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        None => file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     };
     let seed = match root.get("seed") {
         None => 0,
@@ -109,20 +127,39 @@ pub fn parse(file: &Path, text: &str) -> Result<RawPipeline, PipelineError> {
     };
     let defaults = match root.get("defaults") {
         None => Vec::new(),
-        Some(Node { value: NodeValue::Map(entries), .. }) => entries.clone(),
-        Some(Node { value: NodeValue::Null, .. }) => Vec::new(),
+        Some(Node {
+            value: NodeValue::Map(entries),
+            ..
+        }) => entries.clone(),
+        Some(Node {
+            value: NodeValue::Null,
+            ..
+        }) => Vec::new(),
         Some(n) => {
-            diags.push(type_error(&origin, n, "`defaults`", "a mapping of parameter names to values"));
+            diags.push(type_error(
+                &origin,
+                n,
+                "`defaults`",
+                "a mapping of parameter names to values",
+            ));
             Vec::new()
         }
     };
     let stages = match root.get("stages") {
-        Some(Node { value: NodeValue::Map(entries), .. }) => entries
+        Some(Node {
+            value: NodeValue::Map(entries),
+            ..
+        }) => entries
             .iter()
             .filter_map(|(key, node)| parse_stage(&origin, key, node, &mut diags))
             .collect(),
         Some(n) => {
-            diags.push(type_error(&origin, n, "`stages`", "a mapping of stage names to stages"));
+            diags.push(type_error(
+                &origin,
+                n,
+                "`stages`",
+                "a mapping of stage names to stages",
+            ));
             Vec::new()
         }
         None => {
@@ -147,8 +184,12 @@ pub fn parse(file: &Path, text: &str) -> Result<RawPipeline, PipelineError> {
 }
 
 fn type_error(origin: &str, node: &Node, what: &str, expected: &str) -> Diagnostic {
-    Diagnostic::new(origin, node.loc, format!("{what} must be {expected}, found {}", node.type_name()))
-        .expected(expected)
+    Diagnostic::new(
+        origin,
+        node.loc,
+        format!("{what} must be {expected}, found {}", node.type_name()),
+    )
+    .expected(expected)
 }
 
 /// Stage names are used in references (`stage.output`), cache paths and `--set`, so
@@ -156,11 +197,21 @@ fn type_error(origin: &str, node: &Node, what: &str, expected: &str) -> Diagnost
 pub fn valid_stage_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
 }
 
-fn parse_stage(origin: &str, key: &Key, node: &Node, diags: &mut Vec<Diagnostic>) -> Option<RawStage> {
+fn parse_stage(
+    origin: &str,
+    key: &Key,
+    node: &Node,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<RawStage> {
     if !valid_stage_name(&key.name) {
         diags.push(
             Diagnostic::new(origin, key.loc, format!("invalid stage name `{}`", key.name))
@@ -169,38 +220,60 @@ fn parse_stage(origin: &str, key: &Key, node: &Node, diags: &mut Vec<Diagnostic>
         return None;
     }
     let NodeValue::Map(entries) = &node.value else {
-        diags.push(type_error(origin, node, &format!("stage `{}`", key.name), "a mapping with a `kind`"));
+        diags.push(type_error(
+            origin,
+            node,
+            &format!("stage `{}`", key.name),
+            "a mapping with a `kind`",
+        ));
         return None;
     };
     let kind = match node.get("kind") {
         Some(k) => match k.as_str() {
             Some(s) => (s.to_string(), k.loc),
             None => {
-                diags.push(type_error(origin, k, &format!("`kind` of stage `{}`", key.name), "a string"));
+                diags.push(type_error(
+                    origin,
+                    k,
+                    &format!("`kind` of stage `{}`", key.name),
+                    "a string",
+                ));
                 return None;
             }
         },
         None => {
             diags.push(
-                Diagnostic::new(origin, key.loc, format!("stage `{}` has no `kind`", key.name))
-                    .expected("`kind: <stage kind>`, e.g. `kind: command`"),
+                Diagnostic::new(
+                    origin,
+                    key.loc,
+                    format!("stage `{}` has no `kind`", key.name),
+                )
+                .expected("`kind: <stage kind>`, e.g. `kind: command`"),
             );
             return None;
         }
     };
     let after = match node.get("after") {
         None => Vec::new(),
-        Some(Node { value: NodeValue::Seq(items), .. }) => {
+        Some(Node {
+            value: NodeValue::Seq(items),
+            ..
+        }) => {
             let mut names = Vec::new();
             for item in items {
                 match item.as_str() {
                     Some(s) => names.push((s.to_string(), item.loc)),
-                    None => diags.push(type_error(origin, item, "an `after` entry", "a stage name")),
+                    None => {
+                        diags.push(type_error(origin, item, "an `after` entry", "a stage name"))
+                    }
                 }
             }
             names
         }
-        Some(Node { value: NodeValue::String(s), loc }) => vec![(s.clone(), *loc)],
+        Some(Node {
+            value: NodeValue::String(s),
+            loc,
+        }) => vec![(s.clone(), *loc)],
         Some(n) => {
             diags.push(type_error(origin, n, "`after`", "a list of stage names"));
             Vec::new()

@@ -70,7 +70,14 @@ impl Engine<'_> {
             }
             if !waiting.is_empty() || !status.reasons.is_empty() {
                 if !waiting.is_empty() {
-                    status.reasons.push(format!("waits for {}", waiting.iter().map(|w| format!("`{w}`")).collect::<Vec<_>>().join(", ")));
+                    status.reasons.push(format!(
+                        "waits for {}",
+                        waiting
+                            .iter()
+                            .map(|w| format!("`{w}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
                 }
                 states.insert(stage.name.clone(), State::Blocked);
                 out.push(status);
@@ -78,7 +85,9 @@ impl Engine<'_> {
             }
             let key = stage_key(stage, &digests);
             let healthy = self.cache.read_record(&key).ok().flatten().filter(|r| {
-                r.outputs.values().all(|d| self.cache.check_artifact(d) == ArtifactHealth::Ok)
+                r.outputs
+                    .values()
+                    .all(|d| self.cache.check_artifact(d) == ArtifactHealth::Ok)
             });
             status.key = Some(key.clone());
             match healthy {
@@ -93,10 +102,15 @@ impl Engine<'_> {
                     let locked = old_lock.as_ref().and_then(|l| l.stages.get(&stage.name));
                     status.reasons = match locked {
                         None => vec!["never run".to_string()],
-                        Some(entry) if entry.key == key => vec!["cached outputs are missing or damaged".to_string()],
+                        Some(entry) if entry.key == key => {
+                            vec!["cached outputs are missing or damaged".to_string()]
+                        }
                         Some(entry) => match self.cache.read_record(&entry.key).ok().flatten() {
                             Some(previous) => explain(&previous, &stage.params, &digests),
-                            None => vec!["its key changed (the previous record is no longer in the cache)".to_string()],
+                            None => vec![
+                                "its key changed (the previous record is no longer in the cache)"
+                                    .to_string(),
+                            ],
                         },
                     };
                 }
@@ -109,13 +123,21 @@ impl Engine<'_> {
 }
 
 /// Why a stage's key changed, compared with the record of its previous key.
-fn explain(previous: &Record, params: &serde_json::Value, digests: &BTreeMap<String, String>) -> Vec<String> {
+fn explain(
+    previous: &Record,
+    params: &serde_json::Value,
+    digests: &BTreeMap<String, String>,
+) -> Vec<String> {
     let mut reasons = Vec::new();
     let old = flatten(&previous.params);
     let new = flatten(params);
     for (path, value) in &new {
         match old.get(path) {
-            Some(before) if before != value => reasons.push(format!("param `{path}` changed {} → {}", plain(before), plain(value))),
+            Some(before) if before != value => reasons.push(format!(
+                "param `{path}` changed {} → {}",
+                plain(before),
+                plain(value)
+            )),
             None => reasons.push(format!("param `{path}` set to {}", plain(value))),
             _ => {}
         }

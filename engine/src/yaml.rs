@@ -79,7 +79,10 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
             .spawn_scoped(scope, || parse_here(text));
         match worker {
             Ok(handle) => handle.join().unwrap_or_else(|_| {
-                Err(YamlError { loc: Loc::default(), message: "the YAML parser failed on this file".to_string() })
+                Err(YamlError {
+                    loc: Loc::default(),
+                    message: "the YAML parser failed on this file".to_string(),
+                })
             }),
             Err(_) => parse_here(text),
         }
@@ -128,7 +131,8 @@ fn parse_here(text: &str) -> Result<Node, YamlError> {
         };
         YamlError {
             loc,
-            message: plain_message(&e).unwrap_or_else(|| first_line(&e.render_with_options(options))),
+            message: plain_message(&e)
+                .unwrap_or_else(|| first_line(&e.render_with_options(options))),
         }
     })?;
     Ok(node.unwrap_or(Node {
@@ -141,7 +145,9 @@ fn parse_here(text: &str) -> Result<Node, YamlError> {
 /// `DuplicateKeyPolicy`) instead of what is wrong with the file.
 fn plain_message(error: &serde_saphyr::Error) -> Option<String> {
     let mut inner = error;
-    while let serde_saphyr::Error::AliasError { error, .. } | serde_saphyr::Error::WithSnippet { error, .. } = inner {
+    while let serde_saphyr::Error::AliasError { error, .. }
+    | serde_saphyr::Error::WithSnippet { error, .. } = inner
+    {
         inner = error;
     }
     match inner {
@@ -162,12 +168,19 @@ fn too_deep() -> String {
 fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
     use serde_saphyr::budget::BudgetBreach as B;
     let name = format!("{breach:?}");
-    let name = name.split([' ', '{', '(']).next().unwrap_or_default().to_string();
+    let name = name
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_string();
     match breach {
         B::Depth { .. } => too_deep(),
-        B::Documents { .. } => "a pipeline file is one YAML document; this one has another after `---`".to_string(),
+        B::Documents { .. } => {
+            "a pipeline file is one YAML document; this one has another after `---`".to_string()
+        }
         _ if name.contains("Alias") || name.contains("Anchor") => {
-            "refused: YAML aliases expand to too many values (a \"billion laughs\" file?)".to_string()
+            "refused: YAML aliases expand to too many values (a \"billion laughs\" file?)"
+                .to_string()
         }
         B::Events { .. } | B::Nodes { .. } => {
             format!("refused: more than {MAX_VALUES} YAML values (counting what aliases expand to)")
@@ -213,7 +226,10 @@ impl Node {
         let mut node = self;
         for segment in path.split('.').filter(|s| !s.is_empty()) {
             let next = match &node.value {
-                NodeValue::Map(entries) => entries.iter().find(|(k, _)| k.name == segment).map(|(_, v)| v),
+                NodeValue::Map(entries) => entries
+                    .iter()
+                    .find(|(k, _)| k.name == segment)
+                    .map(|(_, v)| v),
                 NodeValue::Seq(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
                 _ => None,
             };
@@ -228,7 +244,10 @@ impl Node {
     /// The location of the key `name` in this mapping, if present.
     pub fn key_loc(&self, name: &str) -> Option<Loc> {
         match &self.value {
-            NodeValue::Map(entries) => entries.iter().find(|(k, _)| k.name == name).map(|(k, _)| k.loc),
+            NodeValue::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.name == name)
+                .map(|(k, _)| k.loc),
             _ => None,
         }
     }
@@ -253,7 +272,9 @@ impl Node {
             NodeValue::Bool(b) => Json::Bool(*b),
             NodeValue::Int(i) => Json::from(*i),
             NodeValue::UInt(u) => Json::from(*u),
-            NodeValue::Float(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+            NodeValue::Float(f) => {
+                serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number)
+            }
             NodeValue::String(s) => Json::String(s.clone()),
             NodeValue::Seq(items) => Json::Array(items.iter().map(Node::to_json).collect()),
             NodeValue::Map(entries) => Json::Object(
@@ -276,10 +297,20 @@ impl Node {
                 _ => NodeValue::Float(n.as_f64().unwrap_or(f64::NAN)),
             },
             Json::String(s) => NodeValue::String(s.clone()),
-            Json::Array(items) => NodeValue::Seq(items.iter().map(|v| Node::from_json(v, loc)).collect()),
+            Json::Array(items) => {
+                NodeValue::Seq(items.iter().map(|v| Node::from_json(v, loc)).collect())
+            }
             Json::Object(map) => NodeValue::Map(
                 map.iter()
-                    .map(|(k, v)| (Key { name: k.clone(), loc }, Node::from_json(v, loc)))
+                    .map(|(k, v)| {
+                        (
+                            Key {
+                                name: k.clone(),
+                                loc,
+                            },
+                            Node::from_json(v, loc),
+                        )
+                    })
                     .collect(),
             ),
         };

@@ -23,7 +23,14 @@ fn reference_to_a_named_output_resolves() {
             output: "train".into()
         }
     );
-    assert_eq!(pipeline.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["d", "t"]);
+    assert_eq!(
+        pipeline
+            .stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["d", "t"]
+    );
 }
 
 #[test]
@@ -56,7 +63,9 @@ fn artifact_kind_mismatch_names_both_kinds() {
 #[test]
 fn dangling_reference_suggests_the_nearest_stage() {
     let message = error(
-        &with_split("  model: { kind: train, data: d.train }\n  j: { kind: judge, models: [modle] }\n"),
+        &with_split(
+            "  model: { kind: train, data: d.train }\n  j: { kind: judge, models: [modle] }\n",
+        ),
         &[],
     );
     assert_eq!(
@@ -67,7 +76,10 @@ fn dangling_reference_suggests_the_nearest_stage() {
 
 #[test]
 fn unknown_key_suggests_the_nearest_key() {
-    let message = error(&with_split("  t: { kind: train, data: d.train, learning_rat: 0.1 }\n"), &[]);
+    let message = error(
+        &with_split("  t: { kind: train, data: d.train, learning_rat: 0.1 }\n"),
+        &[],
+    );
     assert_eq!(
         message,
         "pipeline.yaml:3:36: unknown key `learning_rat` in stage `t` (kind `train`)\n  expected: one of `data`, `learning_rate`, `schedule`\n  hint: did you mean `learning_rate`?"
@@ -76,16 +88,27 @@ fn unknown_key_suggests_the_nearest_key() {
 
 #[test]
 fn unknown_enum_value_suggests_the_nearest_value() {
-    let message = error(&with_split("  t: { kind: train, data: d.train, schedule: cosin }\n"), &[]);
-    assert!(message.contains("unknown value `cosin` for `schedule`"), "{message}");
+    let message = error(
+        &with_split("  t: { kind: train, data: d.train, schedule: cosin }\n"),
+        &[],
+    );
+    assert!(
+        message.contains("unknown value `cosin` for `schedule`"),
+        "{message}"
+    );
     assert!(message.contains("did you mean `cosine`?"), "{message}");
 }
 
 #[test]
 fn wrong_type_names_the_expected_type() {
-    let message = error(&with_split("  t: { kind: train, data: d.train, learning_rate: fast }\n"), &[]);
+    let message = error(
+        &with_split("  t: { kind: train, data: d.train, learning_rate: fast }\n"),
+        &[],
+    );
     assert!(
-        message.starts_with("pipeline.yaml:3:51: invalid value for `learning_rate` in stage `t` (kind `train`)"),
+        message.starts_with(
+            "pipeline.yaml:3:51: invalid value for `learning_rate` in stage `t` (kind `train`)"
+        ),
         "{message}"
     );
     assert!(message.ends_with("\n  expected: f64"), "{message}");
@@ -127,8 +150,13 @@ fn every_problem_is_reported_at_once() {
         "stages:\n  a: { kind: shel, run: [x], outputs: [o] }\n  b: { kind: train, dta: x }\n  c: { kind: judge, models: [nowhere] }\n";
     let e = check(text, &[]).unwrap_err();
     assert_eq!(e.diagnostics.len(), 3, "{e}");
-    assert!(e.diagnostics[0].message.contains("unknown stage kind `shel`"));
-    assert_eq!(e.diagnostics[0].hint.as_deref(), Some("did you mean `shell`?"));
+    assert!(e.diagnostics[0]
+        .message
+        .contains("unknown stage kind `shel`"));
+    assert_eq!(
+        e.diagnostics[0].hint.as_deref(),
+        Some("did you mean `shell`?")
+    );
 }
 
 #[test]
@@ -149,9 +177,13 @@ fn set_with_unknown_stage_or_wrong_type_is_refused() {
 
 #[test]
 fn set_overrides_a_nested_value_and_wins_over_the_file() {
-    let text = "stages:\n  a: { kind: shell, run: [x], outputs: [o], params: { kl: { coef: 0.1 } } }\n";
+    let text =
+        "stages:\n  a: { kind: shell, run: [x], outputs: [o], params: { kl: { coef: 0.1 } } }\n";
     let pipeline = check(text, &["a.params.kl.coef=0.5", "a.params.kl.coef=0.25"]).unwrap();
-    assert_eq!(pipeline.stage("a").unwrap().params["params"]["kl"]["coef"], 0.25);
+    assert_eq!(
+        pipeline.stage("a").unwrap().params["params"]["kl"]["coef"],
+        0.25
+    );
 }
 
 #[test]
@@ -163,14 +195,19 @@ fn billion_laughs_is_refused() {
     }
     text.push_str("stages: {}\n");
     let message = error(&text, &[]);
-    assert!(message.contains("refused: YAML aliases expand to too many values"), "{message}");
+    assert!(
+        message.contains("refused: YAML aliases expand to too many values"),
+        "{message}"
+    );
 }
 
 #[test]
 fn deep_nesting_is_refused() {
     let text = format!("stages: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
     assert!(error(&text, &[]).contains("refused: lists or mappings nested deeper than 64 levels"));
-    let block: String = (1..100).map(|i| format!("{}k{i}:\n", "  ".repeat(i))).collect();
+    let block: String = (1..100)
+        .map(|i| format!("{}k{i}:\n", "  ".repeat(i)))
+        .collect();
     assert!(error(&format!("stages:\n{block}"), &[]).contains("nested deeper than 64 levels"));
 }
 
@@ -196,7 +233,8 @@ fn one_anchor_aliased_a_thousand_times_is_refused() {
         vec!["x"; 5000].join(","),
         vec!["*a"; 999].join(",")
     );
-    assert!(error(&text, &[]).contains("refused: more than 100000 YAML values (counting what aliases expand to)"));
+    assert!(error(&text, &[])
+        .contains("refused: more than 100000 YAML values (counting what aliases expand to)"));
 }
 
 #[test]

@@ -39,5 +39,11 @@ fn generated_pipelines_reach_the_checker() {
     // ones get past parsing and exercise references, kinds and cycles.
     let text = "stages:\n  s0:\n    kind: \"split\"\n    \"source\": \"tests/fuzz.rs\"\n    \"parts\": [\"train\"]\n  s1:\n    kind: \"train\"\n    \"data\": \"s0.train\"\n";
     let raw = rlhf_engine::spec::parse(Path::new("fuzz.yaml"), text).unwrap();
-    assert_eq!(rlhf_engine::check::check(&raw, &kinds::registry()).unwrap().stages.len(), 2);
+    assert_eq!(
+        rlhf_engine::check::check(&raw, &kinds::registry())
+            .unwrap()
+            .stages
+            .len(),
+        2
+    );
 }

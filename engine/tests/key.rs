@@ -39,7 +39,10 @@ fn golden_key_is_pinned() {
         canonical,
         r#"{"inputs":{"data":"abababababababababababababababababababababababababababababababab"},"key_format":1,"kind":"train","kind_version":3,"params":{"data":{"input":"data"},"learning_rate":0.0002,"schedule":"constant"},"seed":13838566654583379456}"#
     );
-    assert_eq!(stage_key(stage, &inputs), blake3::hash(canonical.as_bytes()).to_hex().to_string());
+    assert_eq!(
+        stage_key(stage, &inputs),
+        blake3::hash(canonical.as_bytes()).to_hex().to_string()
+    );
     assert_eq!(
         stage_key(stage, &inputs),
         "c48c46bf336cb87bbb657b213c536359c398a8292e2c5cfc1b0ed2b36c2d8347"
@@ -49,7 +52,10 @@ fn golden_key_is_pinned() {
 #[test]
 fn default_written_out_keys_the_same_as_left_out() {
     let explicit = kinds::check(
-        &PIPELINE.replace("learning_rate: 0.0002", "learning_rate: 0.001, schedule: constant"),
+        &PIPELINE.replace(
+            "learning_rate: 0.0002",
+            "learning_rate: 0.001, schedule: constant",
+        ),
         &[],
     )
     .unwrap();
@@ -69,9 +75,15 @@ fn key_depends_on_input_content_not_on_the_reference() {
         .replace("  d: ", "  data_v2: ")
         .replace("parts: [train, eval]", "parts: [fit, eval]")
         .replace("d.train", "data_v2.fit");
-    let (a, b) = (kinds::check(PIPELINE, &[]).unwrap(), kinds::check(&renamed, &[]).unwrap());
+    let (a, b) = (
+        kinds::check(PIPELINE, &[]).unwrap(),
+        kinds::check(&renamed, &[]).unwrap(),
+    );
     let inputs = digests(&"ef".repeat(32));
-    assert_eq!(stage_key(a.stage("t").unwrap(), &inputs), stage_key(b.stage("t").unwrap(), &inputs));
+    assert_eq!(
+        stage_key(a.stage("t").unwrap(), &inputs),
+        stage_key(b.stage("t").unwrap(), &inputs)
+    );
     assert_ne!(
         stage_key(a.stage("t").unwrap(), &inputs),
         stage_key(a.stage("t").unwrap(), &digests(&"ee".repeat(32)))
@@ -83,7 +95,10 @@ fn key_depends_on_params_and_pipeline_seed() {
     let base = kinds::check(PIPELINE, &[]).unwrap();
     let inputs = digests(&"01".repeat(32));
     let key = |p: &rlhf_engine::check::Pipeline| stage_key(p.stage("t").unwrap(), &inputs);
-    assert_ne!(key(&base), key(&kinds::check(PIPELINE, &["t.learning_rate=0.0003"]).unwrap()));
+    assert_ne!(
+        key(&base),
+        key(&kinds::check(PIPELINE, &["t.learning_rate=0.0003"]).unwrap())
+    );
     assert_ne!(
         key(&base),
         key(&kinds::check(&PIPELINE.replace("seed: 42", "seed: 43"), &[]).unwrap())

@@ -27,14 +27,30 @@ pub fn ls(cache_dir: &Path, json: bool) -> i32 {
                 "outputs": record.outputs, "seconds": record.seconds, "created_unix": record.created_unix,
             }));
         } else {
-            let outputs: Vec<String> = record.outputs.iter().map(|(n, d)| format!("{n}={}", &d[..12.min(d.len())])).collect();
-            println!("{}  {:<20} {:<18} {}", &record.key[..12.min(record.key.len())], record.stage, record.kind, outputs.join(" "));
+            let outputs: Vec<String> = record
+                .outputs
+                .iter()
+                .map(|(n, d)| format!("{n}={}", &d[..12.min(d.len())]))
+                .collect();
+            println!(
+                "{}  {:<20} {:<18} {}",
+                &record.key[..12.min(record.key.len())],
+                record.stage,
+                record.kind,
+                outputs.join(" ")
+            );
         }
     }
     for error in &corrupt {
         eprintln!("warning: {error}");
     }
-    eprintln!("{} records, {} artifacts, {:.1} MB in {}", records.len(), artifacts.len(), bytes as f64 / 1e6, cache_dir.display());
+    eprintln!(
+        "{} records, {} artifacts, {:.1} MB in {}",
+        records.len(),
+        artifacts.len(),
+        bytes as f64 / 1e6,
+        cache_dir.display()
+    );
     exit::OK
 }
 
@@ -56,7 +72,10 @@ pub fn gc(cache_dir: &Path, apply: bool, json: bool) -> i32 {
             }
             Ok(None) => {}
             Err(e) => {
-                print_error(&format!("{e}"), Some("fix or delete that lock file; gc keeps everything until then"));
+                print_error(
+                    &format!("{e}"),
+                    Some("fix or delete that lock file; gc keeps everything until then"),
+                );
                 return exit::STAGE_FAILED;
             }
         }
@@ -86,14 +105,22 @@ pub fn gc(cache_dir: &Path, apply: bool, json: bool) -> i32 {
             "bytes": report.bytes, "roots": roots,
         }));
     }
-    let verb = if report.applied { "deleted" } else { "would delete" };
+    let verb = if report.applied {
+        "deleted"
+    } else {
+        "would delete"
+    };
     eprintln!(
         "{verb} {} records and {} artifacts ({:.1} MB); kept what {} lock file(s) reference{}",
         report.records.len(),
         report.artifacts.len(),
         report.bytes as f64 / 1e6,
         roots.len(),
-        if report.applied { "" } else { " (dry run: pass --apply to delete)" }
+        if report.applied {
+            ""
+        } else {
+            " (dry run: pass --apply to delete)"
+        }
     );
     exit::OK
 }

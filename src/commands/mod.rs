@@ -45,13 +45,20 @@ pub fn print_run_error(error: &RunError) -> i32 {
 }
 
 /// Loads and checks a pipeline with the stage kinds of this binary.
-pub fn load(file: &Path, overrides: &[String], registry: &rlhf_engine::Registry) -> Result<rlhf_engine::check::Pipeline, i32> {
+pub fn load(
+    file: &Path,
+    overrides: &[String],
+    registry: &rlhf_engine::Registry,
+) -> Result<rlhf_engine::check::Pipeline, i32> {
     rlhf_engine::load_pipeline(file, overrides, registry).map_err(|e| print_pipeline_error(&e))
 }
 
 pub fn open_cache(dir: &Path) -> Result<rlhf_cache::Cache, i32> {
     rlhf_cache::Cache::open(dir).map_err(|e| {
-        print_error(&format!("cannot open the cache at {}: {e}", dir.display()), Some("pass a writable folder with --cache-dir or RLHF_CACHE_DIR"));
+        print_error(
+            &format!("cannot open the cache at {}: {e}", dir.display()),
+            Some("pass a writable folder with --cache-dir or RLHF_CACHE_DIR"),
+        );
         exit::STAGE_FAILED
     })
 }

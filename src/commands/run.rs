@@ -5,7 +5,13 @@ use super::{load, open_cache, print_error, print_json, print_run_error};
 use rlhf_engine::run::{Engine, Outcome, RunOptions};
 use std::path::Path;
 
-pub fn run(file: &Path, overrides: &[String], cache_dir: &Path, options: &RunOptions, json: bool) -> i32 {
+pub fn run(
+    file: &Path,
+    overrides: &[String],
+    cache_dir: &Path,
+    options: &RunOptions,
+    json: bool,
+) -> i32 {
     if let Some(threads) = Some(options.threads).filter(|t| *t > 0) {
         // candle's matmul and rayon read this once, at first use.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -41,7 +47,11 @@ pub fn run(file: &Path, overrides: &[String], cache_dir: &Path, options: &RunOpt
             Outcome::Skipped => "skipped",
             Outcome::Waiting => "waiting",
         };
-        let time = if stage.seconds > 0.0 { format!(" ({:.1}s)", stage.seconds) } else { String::new() };
+        let time = if stage.seconds > 0.0 {
+            format!(" ({:.1}s)", stage.seconds)
+        } else {
+            String::new()
+        };
         eprintln!("{status:>9}  {}{time}", stage.stage);
     }
     let count = |o: Outcome| report.stages.iter().filter(|s| s.status == o).count();
@@ -51,14 +61,34 @@ pub fn run(file: &Path, overrides: &[String], cache_dir: &Path, options: &RunOpt
         count(Outcome::Cached),
         count(Outcome::Failed),
         count(Outcome::Skipped),
-        if options.verify { format!(", {} verified, {} mismatched", count(Outcome::Verified), count(Outcome::Mismatch)) } else { String::new() }
+        if options.verify {
+            format!(
+                ", {} verified, {} mismatched",
+                count(Outcome::Verified),
+                count(Outcome::Mismatch)
+            )
+        } else {
+            String::new()
+        }
     );
-    for stage in report.stages.iter().filter(|s| s.kind == "evaluate" && matches!(s.status, Outcome::Ran | Outcome::Cached | Outcome::Verified)) {
+    for stage in report.stages.iter().filter(|s| {
+        s.kind == "evaluate"
+            && matches!(s.status, Outcome::Ran | Outcome::Cached | Outcome::Verified)
+    }) {
         eprint!("{}", evaluation_table(&stage.stage, &stage.metrics));
     }
-    for stage in report.stages.iter().filter(|s| matches!(s.status, Outcome::Failed | Outcome::Mismatch | Outcome::Waiting)) {
+    for stage in report.stages.iter().filter(|s| {
+        matches!(
+            s.status,
+            Outcome::Failed | Outcome::Mismatch | Outcome::Waiting
+        )
+    }) {
         print_error(
-            &format!("stage `{}`: {}", stage.stage, stage.message.clone().unwrap_or_default()),
+            &format!(
+                "stage `{}`: {}",
+                stage.stage,
+                stage.message.clone().unwrap_or_default()
+            ),
             stage.hint.as_deref(),
         );
     }
@@ -69,9 +99,13 @@ pub fn run(file: &Path, overrides: &[String], cache_dir: &Path, options: &RunOpt
 /// per model, one column per metric (`-` where a model lacks one). Empty when there is
 /// nothing to show.
 pub fn evaluation_table(stage: &str, metrics: &serde_json::Value) -> String {
-    let Some(models) = metrics.as_object() else { return String::new() };
-    let rows: Vec<(&String, &serde_json::Map<String, serde_json::Value>)> =
-        models.iter().filter_map(|(name, value)| value.as_object().map(|m| (name, m))).collect();
+    let Some(models) = metrics.as_object() else {
+        return String::new();
+    };
+    let rows: Vec<(&String, &serde_json::Map<String, serde_json::Value>)> = models
+        .iter()
+        .filter_map(|(name, value)| value.as_object().map(|m| (name, m)))
+        .collect();
     let mut columns: Vec<&String> = Vec::new();
     for (_, values) in &rows {
         for (name, value) in values.iter() {
@@ -83,7 +117,12 @@ pub fn evaluation_table(stage: &str, metrics: &serde_json::Value) -> String {
     if rows.is_empty() || columns.is_empty() {
         return String::new();
     }
-    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(5).max(5);
+    let width = rows
+        .iter()
+        .map(|(name, _)| name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     let mut text = format!("\nevaluation `{stage}`\n{:<width$}", "model");
     for column in &columns {
         text.push_str(&format!("  {column:>12}"));
@@ -92,7 +131,10 @@ pub fn evaluation_table(stage: &str, metrics: &serde_json::Value) -> String {
     for (name, values) in &rows {
         text.push_str(&format!("{name:<width$}"));
         for column in &columns {
-            let cell = values.get(*column).and_then(|v| v.as_f64()).map_or("-".to_string(), |v| format!("{v:.4}"));
+            let cell = values
+                .get(*column)
+                .and_then(|v| v.as_f64())
+                .map_or("-".to_string(), |v| format!("{v:.4}"));
             text.push_str(&format!("  {cell:>12}"));
         }
         text.push('\n');

@@ -31,7 +31,11 @@ pub fn status(file: &Path, overrides: &[String], cache_dir: &Path, json: bool) -
             State::Stale => "stale",
             State::Blocked => "blocked",
         };
-        let reasons = if s.reasons.is_empty() { String::new() } else { format!(": {}", s.reasons.join("; ")) };
+        let reasons = if s.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.reasons.join("; "))
+        };
         println!("{state:>8}  {} ({}){reasons}", s.stage, s.kind);
     }
     exit::OK
@@ -45,8 +49,12 @@ pub fn show(file: &Path, overrides: &[String], cache_dir: &Path, stage: &str, js
     };
     if pipeline.stage(stage).is_none() {
         let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
-        let hint = rlhf_engine::diagnostic::nearest(stage, names.iter().copied()).map(|n| format!("did you mean `{n}`?"));
-        print_error(&format!("no stage named `{stage}` in {}", file.display()), hint.as_deref());
+        let hint = rlhf_engine::diagnostic::nearest(stage, names.iter().copied())
+            .map(|n| format!("did you mean `{n}`?"));
+        print_error(
+            &format!("no stage named `{stage}` in {}", file.display()),
+            hint.as_deref(),
+        );
         return exit::INVALID;
     }
     let cache = match open_cache(cache_dir) {
@@ -62,11 +70,20 @@ pub fn show(file: &Path, overrides: &[String], cache_dir: &Path, stage: &str, js
     let Some(status) = statuses.into_iter().find(|s| s.stage == stage) else {
         return exit::INVALID;
     };
-    let record = status.key.as_deref().and_then(|k| cache.read_record(k).ok().flatten());
+    let record = status
+        .key
+        .as_deref()
+        .and_then(|k| cache.read_record(k).ok().flatten());
     let Some(record) = record.filter(|_| status.status == State::Cached) else {
         print_error(
-            &format!("stage `{stage}` has no cached outputs ({})", status.reasons.join("; ")),
-            Some(&format!("run `rlhf run {} --until {stage}` first", file.display())),
+            &format!(
+                "stage `{stage}` has no cached outputs ({})",
+                status.reasons.join("; ")
+            ),
+            Some(&format!(
+                "run `rlhf run {} --until {stage}` first",
+                file.display()
+            )),
         );
         return exit::STAGE_FAILED;
     };
@@ -74,7 +91,10 @@ pub fn show(file: &Path, overrides: &[String], cache_dir: &Path, stage: &str, js
         .outputs
         .iter()
         .map(|(name, digest)| {
-            (name.clone(), serde_json::json!({ "digest": digest, "path": cache.artifact_path(digest) }))
+            (
+                name.clone(),
+                serde_json::json!({ "digest": digest, "path": cache.artifact_path(digest) }),
+            )
         })
         .collect();
     if json {
@@ -91,7 +111,10 @@ pub fn show(file: &Path, overrides: &[String], cache_dir: &Path, stage: &str, js
     println!("stage    {stage} ({})", record.kind);
     println!("key      {}", record.key);
     for (name, digest) in &record.outputs {
-        println!("output   {name}: {} ({digest})", cache.artifact_path(digest).display());
+        println!(
+            "output   {name}: {} ({digest})",
+            cache.artifact_path(digest).display()
+        );
     }
     if let serde_json::Value::Object(metrics) = &record.metrics {
         for (name, value) in metrics {

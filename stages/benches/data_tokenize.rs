@@ -26,7 +26,9 @@ use rlhf_stages::data::format::Format;
 use rlhf_stages::data::load::{load_rows, LoadOptions};
 use rlhf_stages::data::row::Row;
 use rlhf_stages::data::template::PromptTemplate;
-use rlhf_stages::data::tokenizer::{load_tokenizer, special_tokens, train_bpe, BpeSettings, SpecialTokens};
+use rlhf_stages::data::tokenizer::{
+    load_tokenizer, special_tokens, train_bpe, BpeSettings, SpecialTokens,
+};
 use std::io::Write;
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -36,7 +38,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(15_000);
-    let Some(source) = rlhf_stages::testing::shared_path("data/self-instruct-seed-tasks/dolly_format.jsonl") else {
+    let Some(source) =
+        rlhf_stages::testing::shared_path("data/self-instruct-seed-tasks/dolly_format.jsonl")
+    else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -64,7 +68,13 @@ fn main() {
     if let Some(dir) = rlhf_stages::testing::shared_path("bench/trl/tokenizer") {
         let tokenizer = load_tokenizer(&dir).expect("tokenizer");
         let special = special_tokens(&dir, &tokenizer).expect("special tokens");
-        tokenise("TRL tokenizer, vocab 512", &tokenizer, special, &loaded.rows, read);
+        tokenise(
+            "TRL tokenizer, vocab 512",
+            &tokenizer,
+            special,
+            &loaded.rows,
+            read,
+        );
     }
     let start = Instant::now();
     let texts: Vec<&str> = loaded.rows.iter().flat_map(|r| r.texts()).collect();
@@ -73,22 +83,40 @@ fn main() {
         ..BpeSettings::default()
     };
     let tokenizer = train_bpe(texts.into_iter(), &settings).expect("train");
-    println!("train BPE vocab 8192:      {:.3} s", start.elapsed().as_secs_f64());
+    println!(
+        "train BPE vocab 8192:      {:.3} s",
+        start.elapsed().as_secs_f64()
+    );
     let special = SpecialTokens {
         pad: 0,
         bos: Some(1),
         eos: 2,
     };
-    tokenise("trained BPE, vocab 8192", &tokenizer, special, &loaded.rows, read);
+    tokenise(
+        "trained BPE, vocab 8192",
+        &tokenizer,
+        special,
+        &loaded.rows,
+        read,
+    );
 }
 
-fn tokenise(name: &str, tokenizer: &Tokenizer, special: SpecialTokens, rows: &[Row], read_seconds: f64) {
+fn tokenise(
+    name: &str,
+    tokenizer: &Tokenizer,
+    special: SpecialTokens,
+    rows: &[Row],
+    read_seconds: f64,
+) {
     let renderer = PromptTemplate::default().renderer().expect("template");
     let encoder = Encoder::new(tokenizer, &renderer, special);
     let start = Instant::now();
     let mut tokens = 0usize;
     for row in rows {
-        let example = encoder.encode_example(row).expect("encode").expect("no max_length");
+        let example = encoder
+            .encode_example(row)
+            .expect("encode")
+            .expect("no max_length");
         tokens += example.prompt.len() + example.completion.len();
     }
     let one_by_one = start.elapsed().as_secs_f64();
@@ -114,7 +142,10 @@ fn tokenise(name: &str, tokenizer: &Tokenizer, special: SpecialTokens, rows: &[R
         tokens as f64 / batched
     );
     let total = read_seconds + batched.min(one_by_one);
-    println!("  read + tokenise:         {total:.3} s  {:>10.0} rows/s", n / total);
+    println!(
+        "  read + tokenise:         {total:.3} s  {:>10.0} rows/s",
+        n / total
+    );
 }
 
 /// Writes `rows` Dolly-schema lines built from the 175 self-instruct records; returns bytes.
@@ -124,7 +155,12 @@ fn write_dolly_sized(source: &std::path::Path, target: &std::path::Path, rows: u
         .lines()
         .map(|line| serde_json::from_str(line).expect("json"))
         .collect();
-    let field = |i: usize, key: &str| records[i % records.len()][key].as_str().unwrap_or_default().to_string();
+    let field = |i: usize, key: &str| {
+        records[i % records.len()][key]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
     let mut out = std::io::BufWriter::new(std::fs::File::create(target).expect("create"));
     let mut bytes = 0u64;
     for k in 0..rows {

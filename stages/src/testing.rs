@@ -24,13 +24,18 @@ pub fn shared_path(relative: &str) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    let ci = std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false);
+    let ci = std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false);
     if ci {
         panic!(
             "CI=true but the shared file {} is missing; CI must run with ../shared beside the repo",
             path.display()
         );
     }
-    eprintln!("skipping: {} not found (set RLHF_SHARED_DIR or place shared/ beside the repo)", path.display());
+    eprintln!(
+        "skipping: {} not found (set RLHF_SHARED_DIR or place shared/ beside the repo)",
+        path.display()
+    );
     None
 }

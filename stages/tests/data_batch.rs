@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device};
 use rlhf_stages::data::batch::{
-    collate_examples, collate_pairs, collate_prompts, collate_texts, epoch_batches, pack_sequences, Encoder,
+    collate_examples, collate_pairs, collate_prompts, collate_texts, epoch_batches, pack_sequences,
+    Encoder,
 };
 use rlhf_stages::data::row::{Message, Row};
 use rlhf_stages::data::synthetic::{generate, SyntheticSpec};
@@ -22,8 +23,10 @@ const SPECIAL: SpecialTokens = SpecialTokens {
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
-        let spec: SyntheticSpec =
-            serde_json::from_value(serde_json::json!({ "count": 2000, "plain_text_fraction": 0.3 })).unwrap();
+        let spec: SyntheticSpec = serde_json::from_value(
+            serde_json::json!({ "count": 2000, "plain_text_fraction": 0.3 }),
+        )
+        .unwrap();
         let texts: Vec<String> = generate(&spec, 1)
             .unwrap()
             .into_iter()
@@ -49,9 +52,15 @@ fn row(prompt: &str, completion: &str) -> Row {
 
 #[test]
 fn prompt_and_completion_are_tokenised_apart_and_eos_ends_the_completion() {
-    let renderer = PromptTemplate::plain("{prompt}").unwrap().renderer().unwrap();
+    let renderer = PromptTemplate::plain("{prompt}")
+        .unwrap()
+        .renderer()
+        .unwrap();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
-    let example = encoder.encode_example(&row("Q: 12+7=\nA:", " 19")).unwrap().unwrap();
+    let example = encoder
+        .encode_example(&row("Q: 12+7=\nA:", " 19"))
+        .unwrap()
+        .unwrap();
     assert_eq!(example.prompt, ids("Q: 12+7=\nA:"));
     let mut completion = ids(" 19");
     completion.push(2);
@@ -71,23 +80,41 @@ fn the_default_template_wraps_the_prompt_and_bos_is_added_only_when_asked() {
         .unwrap();
     assert_eq!(example.prompt, ids("User: Name a colour.\n\nAssistant: "));
     let with_bos = Encoder::new(tokenizer(), &renderer, SPECIAL).with_bos(true);
-    let example = with_bos.encode_example(&row("Name a colour.", "Red")).unwrap().unwrap();
+    let example = with_bos
+        .encode_example(&row("Name a colour.", "Red"))
+        .unwrap()
+        .unwrap();
     assert_eq!(example.prompt[0], 1);
-    assert_eq!(&example.prompt[1..], ids("User: Name a colour.\n\nAssistant: "));
+    assert_eq!(
+        &example.prompt[1..],
+        ids("User: Name a colour.\n\nAssistant: ")
+    );
 }
 
 #[test]
 fn sft_batch_is_right_padded_and_the_loss_covers_completion_tokens_only() {
-    let renderer = PromptTemplate::plain("{prompt}").unwrap().renderer().unwrap();
+    let renderer = PromptTemplate::plain("{prompt}")
+        .unwrap()
+        .renderer()
+        .unwrap();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
-    let short = encoder.encode_example(&row("Q: 1+1=\nA:", " 2")).unwrap().unwrap();
-    let long = encoder.encode_example(&row("Q: 99-100=\nA:", " -1")).unwrap().unwrap();
+    let short = encoder
+        .encode_example(&row("Q: 1+1=\nA:", " 2"))
+        .unwrap()
+        .unwrap();
+    let long = encoder
+        .encode_example(&row("Q: 99-100=\nA:", " -1"))
+        .unwrap()
+        .unwrap();
     let batch = collate_examples(&[&short, &long], SPECIAL.pad);
     let (p0, c0) = (short.prompt.len(), short.completion.len());
     let (p1, c1) = (long.prompt.len(), long.completion.len());
     assert_eq!(batch.batch_size, 2);
     assert_eq!(batch.seq_len, (p0 + c0).max(p1 + c1));
-    assert!(p0 + c0 < batch.seq_len, "the first row needs padding for this test");
+    assert!(
+        p0 + c0 < batch.seq_len,
+        "the first row needs padding for this test"
+    );
     assert_eq!(batch.lengths, [p0 + c0, p1 + c1]);
     assert_eq!(batch.prompt_lengths, [p0, p1]);
     for (i, (p, c)) in [(p0, c0), (p1, c1)].into_iter().enumerate() {
@@ -96,30 +123,50 @@ fn sft_batch_is_right_padded_and_the_loss_covers_completion_tokens_only() {
         let loss = &batch.loss_mask[i * batch.seq_len..(i + 1) * batch.seq_len];
         for t in 0..batch.seq_len {
             assert_eq!(attention[t], u8::from(t < p + c), "row {i} position {t}");
-            assert_eq!(loss[t], u8::from(t >= p && t < p + c), "row {i} position {t}");
+            assert_eq!(
+                loss[t],
+                u8::from(t >= p && t < p + c),
+                "row {i} position {t}"
+            );
             if t >= p + c {
                 assert_eq!(row_ids[t], SPECIAL.pad);
             }
         }
-        assert_eq!(row_ids[p + c - 1], SPECIAL.eos, "the last real token is eos");
+        assert_eq!(
+            row_ids[p + c - 1],
+            SPECIAL.eos,
+            "the last real token is eos"
+        );
     }
     assert_eq!(batch.real_tokens(), p0 + c0 + p1 + c1);
 }
 
 #[test]
 fn max_length_cuts_completions_and_drops_prompts_that_fill_it() {
-    let renderer = PromptTemplate::plain("{prompt}").unwrap().renderer().unwrap();
+    let renderer = PromptTemplate::plain("{prompt}")
+        .unwrap()
+        .renderer()
+        .unwrap();
     let prompt_len = ids("Q: 12+7=\nA:").len();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL).with_max_length(prompt_len + 2);
-    let example = encoder.encode_example(&row("Q: 12+7=\nA:", " 19")).unwrap().unwrap();
+    let example = encoder
+        .encode_example(&row("Q: 12+7=\nA:", " 19"))
+        .unwrap()
+        .unwrap();
     assert_eq!(example.completion, ids(" 19")[..2]);
     let tight = Encoder::new(tokenizer(), &renderer, SPECIAL).with_max_length(prompt_len);
-    assert_eq!(tight.encode_example(&row("Q: 12+7=\nA:", " 19")).unwrap(), None);
+    assert_eq!(
+        tight.encode_example(&row("Q: 12+7=\nA:", " 19")).unwrap(),
+        None
+    );
 }
 
 #[test]
 fn preference_batch_puts_chosen_rows_first_and_masks_the_replies() {
-    let renderer = PromptTemplate::plain("{prompt}").unwrap().renderer().unwrap();
+    let renderer = PromptTemplate::plain("{prompt}")
+        .unwrap()
+        .renderer()
+        .unwrap();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
     let pair_row = Row {
         prompt: Some("Q: 5+5=\nA:".into()),
@@ -139,7 +186,8 @@ fn preference_batch_puts_chosen_rows_first_and_masks_the_replies() {
         .unwrap();
     let batch = collate_pairs(&[&pair, &other], SPECIAL.pad);
     assert_eq!(batch.batch_size, 4);
-    let row_of = |i: usize| &batch.input_ids[i * batch.seq_len..i * batch.seq_len + batch.lengths[i]];
+    let row_of =
+        |i: usize| &batch.input_ids[i * batch.seq_len..i * batch.seq_len + batch.lengths[i]];
     let with = |prompt: &[u32], reply: &[u32]| [prompt, reply].concat();
     assert_eq!(row_of(0), with(&pair.prompt, &pair.chosen));
     assert_eq!(row_of(1), with(&other.prompt, &other.chosen));
@@ -195,7 +243,10 @@ fn chat_template_completions_end_the_turn_themselves() {
         .unwrap();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
     let chat = Row {
-        messages: Some(vec![Message::new("user", "Hi"), Message::new("assistant", "Hello")]),
+        messages: Some(vec![
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello"),
+        ]),
         ..Row::default()
     };
     let example = encoder.encode_example(&chat).unwrap().unwrap();
@@ -241,7 +292,10 @@ fn length_grouping_cuts_padding() {
 fn packing_concatenates_sequences_into_fixed_blocks() {
     let sequences = vec![vec![10, 11, 2], vec![12, 2], vec![13, 14, 15, 16, 2]];
     let blocks = pack_sequences(&sequences, 4);
-    assert_eq!(blocks, [vec![10, 11, 2, 12], vec![2, 13, 14, 15], vec![16, 2]]);
+    assert_eq!(
+        blocks,
+        [vec![10, 11, 2, 12], vec![2, 13, 14, 15], vec![16, 2]]
+    );
 }
 
 #[test]
@@ -249,10 +303,16 @@ fn batches_convert_to_candle_tensors_of_shape_batch_by_length() {
     let batch = collate_texts(&[&[3, 4, 5][..], &[6][..]], SPECIAL.pad);
     let device = Device::Cpu;
     let input_ids = batch.input_ids_tensor(&device).unwrap();
-    assert_eq!((input_ids.dims(), input_ids.dtype()), (&[2, 3][..], DType::U32));
+    assert_eq!(
+        (input_ids.dims(), input_ids.dtype()),
+        (&[2, 3][..], DType::U32)
+    );
     assert_eq!(input_ids.to_vec2::<u32>().unwrap(), [[3, 4, 5], [6, 0, 0]]);
     let mask = batch.attention_mask_tensor(&device).unwrap();
-    assert_eq!(mask.to_vec2::<f32>().unwrap(), [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]);
+    assert_eq!(
+        mask.to_vec2::<f32>().unwrap(),
+        [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+    );
     assert_eq!(batch.loss_mask_tensor(&device).unwrap().dtype(), DType::F32);
 }
 
@@ -260,7 +320,12 @@ fn batches_convert_to_candle_tensors_of_shape_batch_by_length() {
 fn batch_encoding_equals_row_by_row_encoding() {
     let renderer = PromptTemplate::default().renderer().unwrap();
     let rows: Vec<Row> = (0..50)
-        .map(|i| row(&format!("Q: {i}+{i}=\nA:"), &format!(" {} and more words here", 2 * i)))
+        .map(|i| {
+            row(
+                &format!("Q: {i}+{i}=\nA:"),
+                &format!(" {} and more words here", 2 * i),
+            )
+        })
         .collect();
     // Room for three completion tokens after the longest prompt.
     let unlimited = Encoder::new(tokenizer(), &renderer, SPECIAL).with_bos(true);
@@ -272,7 +337,10 @@ fn batch_encoding_equals_row_by_row_encoding() {
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL)
         .with_bos(true)
         .with_max_length(longest + 3);
-    let one_by_one: Vec<_> = rows.iter().map(|r| encoder.encode_example(r).unwrap()).collect();
+    let one_by_one: Vec<_> = rows
+        .iter()
+        .map(|r| encoder.encode_example(r).unwrap())
+        .collect();
     assert_eq!(encoder.encode_examples(&rows).unwrap(), one_by_one);
     let lengths: Vec<(usize, usize)> = one_by_one
         .iter()
@@ -300,7 +368,10 @@ fn preference_replies_are_rendered_like_sft_completions() {
         .unwrap();
     let encoder = Encoder::new(tokenizer(), &renderer, SPECIAL);
     let multi = Row {
-        messages: Some(vec![Message::new("system", "Be brief."), Message::new("user", "Hi")]),
+        messages: Some(vec![
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+        ]),
         chosen: Some("Hello.".into()),
         rejected: Some("Go away.".into()),
         ..Row::default()

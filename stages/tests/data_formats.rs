@@ -34,7 +34,10 @@ fn dolly_folds_non_blank_context_into_the_prompt_after_a_blank_line() {
     let loaded = load_rows(&fixture("dolly.jsonl"), &options(Format::Dolly)).unwrap();
     let rows = loaded.rows;
     assert_eq!(rows.len(), 3);
-    assert_eq!(rows[0].prompt.as_deref(), Some("Name three primary colours."));
+    assert_eq!(
+        rows[0].prompt.as_deref(),
+        Some("Name three primary colours.")
+    );
     assert_eq!(rows[0].completion.as_deref(), Some("Red, yellow and blue."));
     assert_eq!(rows[0].category.as_deref(), Some("open_qa"));
     assert_eq!(
@@ -59,7 +62,11 @@ fn on_error_skip_skips_and_counts_every_kind_of_bad_row() {
     // Line 2 broken JSON, 3 missing `response`, 6 not an object, 7 a numeric response;
     // line 4 is blank and not a record at all.
     assert_eq!(loaded.skipped, 4);
-    let prompts: Vec<_> = loaded.rows.iter().map(|r| r.prompt.clone().unwrap()).collect();
+    let prompts: Vec<_> = loaded
+        .rows
+        .iter()
+        .map(|r| r.prompt.clone().unwrap())
+        .collect();
     assert_eq!(prompts, ["Say hi.", "Count to two."]);
     let reasons = loaded.skip_examples.join("\n");
     for expected in [
@@ -74,9 +81,12 @@ fn on_error_skip_skips_and_counts_every_kind_of_bad_row() {
 
 #[test]
 fn csv_reads_quoted_fields_and_keeps_answers() {
-    let rows = load_rows(&fixture("prompt_completion.csv"), &options(Format::PromptCompletion))
-        .unwrap()
-        .rows;
+    let rows = load_rows(
+        &fixture("prompt_completion.csv"),
+        &options(Format::PromptCompletion),
+    )
+    .unwrap()
+    .rows;
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0].prompt.as_deref(), Some("Q: 1+2=\nA:"));
     assert_eq!(rows[0].completion.as_deref(), Some(" 3"));
@@ -93,7 +103,10 @@ fn csv_row_with_extra_field_names_its_line() {
     )
     .unwrap_err();
     let message = error.to_string();
-    assert!(message.contains("prompt_completion_malformed.csv:3"), "{message}");
+    assert!(
+        message.contains("prompt_completion_malformed.csv:3"),
+        "{message}"
+    );
     assert!(message.contains("expected 2 fields"), "{message}");
     let loaded = load_rows(
         &fixture("prompt_completion_malformed.csv"),
@@ -105,12 +118,17 @@ fn csv_row_with_extra_field_names_its_line() {
 
 #[test]
 fn chat_reads_a_json_data_object_of_message_lists() {
-    let rows = load_rows(&fixture("chat.json"), &options(Format::Chat)).unwrap().rows;
+    let rows = load_rows(&fixture("chat.json"), &options(Format::Chat))
+        .unwrap()
+        .rows;
     assert_eq!(rows.len(), 2);
     let (before, reply) = rows[1].split_last_assistant().unwrap();
     assert_eq!(
         before,
-        [Message::new("system", "Be brief."), Message::new("user", "2+2?")]
+        [
+            Message::new("system", "Be brief."),
+            Message::new("user", "2+2?")
+        ]
     );
     assert_eq!(reply, "4");
     assert_eq!(rows[1].category.as_deref(), Some("math"));
@@ -121,7 +139,10 @@ fn malformed_chat_records_name_their_row_index() {
     let error = load_rows(&fixture("chat_malformed.json"), &options(Format::Chat))
         .unwrap_err()
         .to_string();
-    assert!(error.contains("chat_malformed.json (row index 1)"), "{error}");
+    assert!(
+        error.contains("chat_malformed.json (row index 1)"),
+        "{error}"
+    );
     assert!(error.contains("has no `content`"), "{error}");
     let loaded = load_rows(&fixture("chat_malformed.json"), &skipping(Format::Chat)).unwrap();
     assert_eq!((loaded.rows.len(), loaded.skipped), (2, 3));
@@ -135,7 +156,10 @@ fn parquet_rows_read_with_the_row_api_and_nulls_are_bad_rows() {
     )
     .unwrap_err();
     let message = error.to_string();
-    assert!(message.contains("prompt_completion.parquet (row index 2)"), "{message}");
+    assert!(
+        message.contains("prompt_completion.parquet (row index 2)"),
+        "{message}"
+    );
     assert!(message.contains("missing field `completion`"), "{message}");
     let loaded = load_rows(
         &fixture("prompt_completion.parquet"),
@@ -164,7 +188,12 @@ fn parquet_lists_of_structs_become_chat_messages() {
     assert_eq!(rows.len(), 2);
     assert_eq!(
         rows[0].messages.as_deref(),
-        Some(&[Message::new("user", "Hi"), Message::new("assistant", "Hello!")][..])
+        Some(
+            &[
+                Message::new("user", "Hi"),
+                Message::new("assistant", "Hello!")
+            ][..]
+        )
     );
     assert_eq!(rows[1].category.as_deref(), Some("math"));
 }
@@ -191,7 +220,10 @@ fn hh_rlhf_dialogues_split_at_the_last_assistant_turn() {
         first.prompt,
         "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a fact.\n\nAssistant:"
     );
-    assert_eq!((first.chosen, first.rejected), (" Honey never spoils.", " No."));
+    assert_eq!(
+        (first.chosen, first.rejected),
+        (" Honey never spoils.", " No.")
+    );
     let reasons = loaded.skip_examples.join("\n");
     assert!(
         reasons.contains("hh.jsonl:3: HH-RLHF dialogues `chosen` and `rejected` differ before the last assistant turn"),
@@ -206,7 +238,9 @@ fn hh_rlhf_dialogues_split_at_the_last_assistant_turn() {
 #[test]
 fn hh_split_refuses_text_without_assistant_turns() {
     assert!(split_hh_dialogues("just text", "other text").is_err());
-    assert!(split_hh_dialogues("\n\nHuman: a\n\nAssistant:", "\n\nHuman: a\n\nAssistant: b").is_err());
+    assert!(
+        split_hh_dialogues("\n\nHuman: a\n\nAssistant:", "\n\nHuman: a\n\nAssistant: b").is_err()
+    );
 }
 
 #[test]
@@ -214,7 +248,10 @@ fn text_rows_skip_blank_lines_and_refuse_null_text() {
     let error = load_rows(&fixture("text.jsonl"), &options(Format::Text))
         .unwrap_err()
         .to_string();
-    assert!(error.contains("text.jsonl:4: missing field `text`"), "{error}");
+    assert!(
+        error.contains("text.jsonl:4: missing field `text`"),
+        "{error}"
+    );
     let loaded = load_rows(&fixture("text.jsonl"), &skipping(Format::Text)).unwrap();
     assert_eq!(loaded.rows.len(), 2);
     assert_eq!(loaded.rows[1].text.as_deref(), Some("12 plus 7 is 19."));
@@ -248,7 +285,9 @@ fn a_column_renamed_to_completion_is_not_also_the_gold_answer() {
 fn unknown_field_rename_is_refused_with_the_fields_the_format_reads() {
     let mut options = options(Format::Dolly);
     options.fields.insert("prompt".into(), "question".into());
-    let error = load_rows(&fixture("dolly.jsonl"), &options).unwrap_err().to_string();
+    let error = load_rows(&fixture("dolly.jsonl"), &options)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("fields.prompt"), "{error}");
     assert!(error.contains("instruction, context, response"), "{error}");
 }
@@ -282,7 +321,9 @@ fn rows_format_is_strict_about_unknown_keys() {
         "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"complete\": \"b\"}\n",
     )
     .unwrap();
-    let error = load_rows(&file, &options(Format::Rows)).unwrap_err().to_string();
+    let error = load_rows(&file, &options(Format::Rows))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("data.jsonl:2"), "{error}");
     assert!(error.contains("complete"), "{error}");
 }
@@ -351,11 +392,15 @@ fn real_hh_rlhf_gzip_file_splits_into_the_published_pairs() {
     let from_dialogues = load_rows(&raw, &skipping(Format::Preference)).unwrap();
     assert_eq!(from_dialogues.rows.len() + from_dialogues.skipped, 2312);
     assert_eq!(from_dialogues.skipped, 8);
-    let published: Vec<Row> = load_rows(&pairs, &options(Format::Preference)).unwrap().rows;
+    let published: Vec<Row> = load_rows(&pairs, &options(Format::Preference))
+        .unwrap()
+        .rows;
     assert_eq!(published.len(), 2304);
     assert_eq!(from_dialogues.rows, published);
     // Without `skip`, the first bad dialogue stops the read at its line.
-    let error = load_rows(&raw, &options(Format::Preference)).unwrap_err().to_string();
+    let error = load_rows(&raw, &options(Format::Preference))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("test.jsonl.gz:"), "{error}");
 }
 
@@ -364,8 +409,9 @@ fn conversational_preference_rows_share_all_but_the_last_turn() {
     let loaded = load_rows(&fixture("preference_chat.jsonl"), &skipping(Format::Auto)).unwrap();
     assert_eq!(loaded.format, Format::Preference);
     assert_eq!(loaded.skipped, 1);
-    assert!(loaded.skip_examples[0]
-        .contains("preference_chat.jsonl:3: `chosen` and `rejected` differ before their last turn"));
+    assert!(loaded.skip_examples[0].contains(
+        "preference_chat.jsonl:3: `chosen` and `rejected` differ before their last turn"
+    ));
     let single = &loaded.rows[0];
     assert_eq!(
         (
@@ -380,7 +426,12 @@ fn conversational_preference_rows_share_all_but_the_last_turn() {
     assert_eq!(multi.prompt, None);
     assert_eq!(
         multi.messages.as_deref(),
-        Some(&[Message::new("system", "Be brief."), Message::new("user", "Hi")][..])
+        Some(
+            &[
+                Message::new("system", "Be brief."),
+                Message::new("user", "Hi")
+            ][..]
+        )
     );
     assert!(multi.has_shape(rlhf_stages::data::RowShape::Preference));
 }

@@ -4,7 +4,8 @@
 
 use rlhf_stages::data::row::Row;
 use rlhf_stages::data::select::{
-    filter_by_length, select, shuffled_order, split_counts, LengthFilter, SelectPlan, SplitSize, SplitSpec,
+    filter_by_length, select, shuffled_order, split_counts, LengthFilter, SelectPlan, SplitSize,
+    SplitSpec,
 };
 use rlhf_stages::data::DataError;
 
@@ -119,7 +120,10 @@ fn counts_are_taken_exactly_and_may_not_exceed_the_rows() {
     assert_eq!((split[0].1.len(), split[1].1.len()), (20, 150));
     let error = select(rows(100), &plan(Some(spec), false), 0).unwrap_err();
     assert!(matches!(error, DataError::Param { .. }), "{error}");
-    assert!(error.to_string().contains("170 rows but only 100"), "{error}");
+    assert!(
+        error.to_string().contains("170 rows but only 100"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -129,7 +133,10 @@ fn bad_split_specs_are_refused_before_reading() {
         ("eval".to_string(), SplitSize::Count(10)),
     ]
     .into();
-    assert!(split_counts(&mixed, 100).unwrap_err().to_string().contains("not a mix"));
+    assert!(split_counts(&mixed, 100)
+        .unwrap_err()
+        .to_string()
+        .contains("not a mix"));
     assert!(split_counts(&fractions(0.9, 0.2), 100)
         .unwrap_err()
         .to_string()
@@ -145,7 +152,11 @@ fn without_shuffle_each_split_keeps_the_source_order() {
     for (_, rows) in &split {
         let numbers: Vec<usize> = rows
             .iter()
-            .map(|r| r.prompt.as_ref().unwrap()["prompt ".len()..].parse().unwrap())
+            .map(|r| {
+                r.prompt.as_ref().unwrap()["prompt ".len()..]
+                    .parse()
+                    .unwrap()
+            })
             .collect();
         assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
     }

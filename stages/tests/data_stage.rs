@@ -25,12 +25,22 @@ struct Ran {
 }
 
 /// Configures and runs one stage; `inputs` are (port name, path, artifact kind).
-fn run(kind: &str, params: Value, inputs: &[(&str, &Path, Option<ArtifactKind>)]) -> Result<Ran, String> {
+fn run(
+    kind: &str,
+    params: Value,
+    inputs: &[(&str, &Path, Option<ArtifactKind>)],
+) -> Result<Ran, String> {
     let registry = rlhf_stages::registry();
     let stage = registry.get(kind).unwrap();
     let configured = stage.configure(&params).map_err(|e| format!("{e:?}"))?;
     let dir = tempfile::tempdir().unwrap();
-    let mut ctx = StageContext::new("test", kind, 42, dir.path().join("scratch"), dir.path().join("logs"));
+    let mut ctx = StageContext::new(
+        "test",
+        kind,
+        42,
+        dir.path().join("scratch"),
+        dir.path().join("logs"),
+    );
     for (name, path, kind) in inputs {
         let input = InputArtifact {
             path: path.to_path_buf(),
@@ -63,7 +73,12 @@ fn run(kind: &str, params: Value, inputs: &[(&str, &Path, Option<ArtifactKind>)]
 #[test]
 fn dataset_stage_writes_one_artifact_per_split_with_row_counts() {
     let params = json!({ "source": "data/dolly.jsonl", "format": "dolly", "split": { "train": 0.7, "eval": 0.3 } });
-    let ran = run("dataset", params, &[("source", &fixture("dolly.jsonl"), None)]).unwrap();
+    let ran = run(
+        "dataset",
+        params,
+        &[("source", &fixture("dolly.jsonl"), None)],
+    )
+    .unwrap();
     assert_eq!(ran.outputs.keys().collect::<Vec<_>>(), ["eval", "train"]);
     let eval = read_rows(&ran.outputs["eval"]).unwrap();
     let train = read_rows(&ran.outputs["train"]).unwrap();
@@ -76,7 +91,9 @@ fn dataset_stage_writes_one_artifact_per_split_with_row_counts() {
 
 #[test]
 fn dataset_stage_outputs_identical_bytes_run_after_run() {
-    let Some(path) = rlhf_stages::testing::shared_path("data/self-instruct-seed-tasks/dolly_format.jsonl") else {
+    let Some(path) =
+        rlhf_stages::testing::shared_path("data/self-instruct-seed-tasks/dolly_format.jsonl")
+    else {
         return;
     };
     let params = json!({ "source": "x", "format": "dolly", "split": { "train": 0.95, "eval": 0.05 }, "shuffle": true });
@@ -125,8 +142,7 @@ fn a_malformed_row_fails_the_stage_with_its_line_and_a_hint() {
 
 #[test]
 fn synthetic_source_needs_no_input_and_splits_held_out_problems() {
-    let params =
-        json!({ "source": { "synthetic": { "count": 1000 } }, "split": { "train": 900, "eval": 100 }, "seed": 3 });
+    let params = json!({ "source": { "synthetic": { "count": 1000 } }, "split": { "train": 900, "eval": 100 }, "seed": 3 });
     let registry = rlhf_stages::registry();
     let configured = registry.get("dataset").unwrap().configure(&params).unwrap();
     assert!(configured.ports.inputs.is_empty());
@@ -134,7 +150,8 @@ fn synthetic_source_needs_no_input_and_splits_held_out_problems() {
     let train = read_rows(&ran.outputs["train"]).unwrap();
     let eval = read_rows(&ran.outputs["eval"]).unwrap();
     assert_eq!((train.len(), eval.len()), (900, 100));
-    let train_prompts: std::collections::HashSet<_> = train.iter().map(|r| r.prompt.clone()).collect();
+    let train_prompts: std::collections::HashSet<_> =
+        train.iter().map(|r| r.prompt.clone()).collect();
     assert!(eval.iter().all(|r| !train_prompts.contains(&r.prompt)));
     let spec: SyntheticSpec = serde_json::from_value(json!({ "count": 1000 })).unwrap();
     let mut all = generate(&spec, 3).unwrap();
@@ -147,7 +164,12 @@ fn synthetic_source_needs_no_input_and_splits_held_out_problems() {
 
 #[test]
 fn a_dataset_artifact_input_is_read_from_its_data_jsonl() {
-    let first = run("dataset", json!({ "source": { "synthetic": { "count": 50 } } }), &[]).unwrap();
+    let first = run(
+        "dataset",
+        json!({ "source": { "synthetic": { "count": 50 } } }),
+        &[],
+    )
+    .unwrap();
     let artifact = &first.outputs["data"];
     // The engine writes metrics.json beside data.jsonl; it must not be read as rows.
     std::fs::write(artifact.join("metrics.json"), "{\"rows_data\": 50}\n").unwrap();
@@ -168,7 +190,10 @@ fn params_are_strict_and_checked_before_running() {
     let unknown = dataset
         .configure(&json!({ "source": "x", "formt": "dolly" }))
         .unwrap_err();
-    assert!(matches!(unknown, ConfigureError::Params { .. }), "{unknown:?}");
+    assert!(
+        matches!(unknown, ConfigureError::Params { .. }),
+        "{unknown:?}"
+    );
     let Err(ConfigureError::Ports(filters)) =
         dataset.configure(&json!({ "source": "x", "filters": { "max_prompt_tokens": 10 } }))
     else {
@@ -212,15 +237,27 @@ fn hub_and_path_sources_are_declared_as_external_inputs() {
         .collect();
     assert_eq!(
         names,
-        [("eval", ArtifactKind::Dataset), ("train", ArtifactKind::Dataset)]
+        [
+            ("eval", ArtifactKind::Dataset),
+            ("train", ArtifactKind::Dataset)
+        ]
     );
 }
 
 #[test]
 fn train_tokenizer_writes_identical_bytes_twice_with_config_and_template() {
-    let data = run("dataset", json!({ "source": { "synthetic": { "count": 2000 } } }), &[]).unwrap();
+    let data = run(
+        "dataset",
+        json!({ "source": { "synthetic": { "count": 2000 } } }),
+        &[],
+    )
+    .unwrap();
     let params = json!({ "data": "arith", "vocab_size": 400, "template": "{prompt}" });
-    let inputs = [("data", data.outputs["data"].as_path(), Some(ArtifactKind::Dataset))];
+    let inputs = [(
+        "data",
+        data.outputs["data"].as_path(),
+        Some(ArtifactKind::Dataset),
+    )];
     let first = run("train_tokenizer", params.clone(), &inputs).unwrap();
     let second = run("train_tokenizer", params, &inputs).unwrap();
     let (a, b) = (&first.outputs["tokenizer"], &second.outputs["tokenizer"]);
@@ -232,7 +269,8 @@ fn train_tokenizer_writes_identical_bytes_twice_with_config_and_template() {
         );
     }
     let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(a.join("tokenizer_config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(a.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     assert_eq!(
         (
             config["pad_token"].as_str(),
@@ -253,18 +291,32 @@ fn train_tokenizer_writes_identical_bytes_twice_with_config_and_template() {
 
 #[test]
 fn length_filters_use_the_tokenizer_input() {
-    let data = run("dataset", json!({ "source": { "synthetic": { "count": 500 } } }), &[]).unwrap();
+    let data = run(
+        "dataset",
+        json!({ "source": { "synthetic": { "count": 500 } } }),
+        &[],
+    )
+    .unwrap();
     let tok = run(
         "train_tokenizer",
         json!({ "data": "arith" }),
-        &[("data", data.outputs["data"].as_path(), Some(ArtifactKind::Dataset))],
+        &[(
+            "data",
+            data.outputs["data"].as_path(),
+            Some(ArtifactKind::Dataset),
+        )],
     )
     .unwrap();
     // Digits are single tokens and a space (or " -") one more: answers of up to two
     // digits fit in 3 tokens, three-digit answers do not.
-    let params = json!({ "source": "arith", "tokenizer": "tok", "filters": { "max_completion_tokens": 3 } });
+    let params =
+        json!({ "source": "arith", "tokenizer": "tok", "filters": { "max_completion_tokens": 3 } });
     let inputs = [
-        ("source", data.outputs["data"].as_path(), Some(ArtifactKind::Dataset)),
+        (
+            "source",
+            data.outputs["data"].as_path(),
+            Some(ArtifactKind::Dataset),
+        ),
         (
             "tokenizer",
             tok.outputs["tokenizer"].as_path(),
@@ -314,8 +366,18 @@ fn params_schemas_describe_sources_splits_and_tokenizer_settings() {
             "{key} missing from the dataset schema"
         );
     }
-    let tokenizer = registry.get("train_tokenizer").unwrap().params_schema().to_string();
-    for key in ["data", "vocab_size", "special_tokens", "individual_digits", "template"] {
+    let tokenizer = registry
+        .get("train_tokenizer")
+        .unwrap()
+        .params_schema()
+        .to_string();
+    for key in [
+        "data",
+        "vocab_size",
+        "special_tokens",
+        "individual_digits",
+        "template",
+    ] {
         assert!(
             tokenizer.contains(&format!("\"{key}\"")),
             "{key} missing from the train_tokenizer schema"
@@ -338,9 +400,10 @@ fn train_tokenizer_on_text_only_reproduces_the_reference_tokenizer() {
     )
     .unwrap();
     assert_eq!(ran.metrics["texts"], 20_000);
-    let ours: Value =
-        serde_json::from_str(&std::fs::read_to_string(ran.outputs["tokenizer"].join("tokenizer.json")).unwrap())
-            .unwrap();
+    let ours: Value = serde_json::from_str(
+        &std::fs::read_to_string(ran.outputs["tokenizer"].join("tokenizer.json")).unwrap(),
+    )
+    .unwrap();
     let theirs: Value = serde_json::from_str(&std::fs::read_to_string(reference).unwrap()).unwrap();
     assert_eq!(ours["model"], theirs["model"]);
     let registry = rlhf_stages::registry();

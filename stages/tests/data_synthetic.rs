@@ -12,10 +12,18 @@ fn spec(count: usize) -> SyntheticSpec {
 
 /// (a, operation, b) parsed back out of "Q: 12+7=\nA:".
 fn parse_prompt(prompt: &str) -> (i64, char, i64) {
-    let body = prompt.strip_prefix("Q: ").unwrap().strip_suffix("=\nA:").unwrap();
+    let body = prompt
+        .strip_prefix("Q: ")
+        .unwrap()
+        .strip_suffix("=\nA:")
+        .unwrap();
     let at = body[1..].find(['+', '-', '*']).unwrap() + 1;
     let operation = body[at..].chars().next().unwrap();
-    (body[..at].parse().unwrap(), operation, body[at + 1..].parse().unwrap())
+    (
+        body[..at].parse().unwrap(),
+        operation,
+        body[at + 1..].parse().unwrap(),
+    )
 }
 
 #[test]
@@ -31,10 +39,16 @@ fn every_row_carries_the_right_answer_in_every_shape() {
         };
         assert!((0..=99).contains(&a) && (0..=99).contains(&b));
         assert_eq!(row.answer.as_deref(), Some(answer.to_string().as_str()));
-        assert_eq!(row.completion.as_deref(), Some(format!(" {answer}").as_str()));
+        assert_eq!(
+            row.completion.as_deref(),
+            Some(format!(" {answer}").as_str())
+        );
         assert_eq!(row.chosen, row.completion);
         let rejected: i64 = row.rejected.as_deref().unwrap().trim().parse().unwrap();
-        assert!([-10, -3, -2, -1, 1, 2, 3, 10].contains(&(rejected - answer)), "{row:?}");
+        assert!(
+            [-10, -3, -2, -1, 1, 2, 3, 10].contains(&(rejected - answer)),
+            "{row:?}"
+        );
         let text = row.text.as_deref().unwrap();
         let qa_line = format!("{} {answer}", row.prompt.as_deref().unwrap());
         assert!(
@@ -46,15 +60,25 @@ fn every_row_carries_the_right_answer_in_every_shape() {
 
 #[test]
 fn same_seed_same_rows_and_another_seed_other_rows() {
-    assert_eq!(generate(&spec(500), 7).unwrap(), generate(&spec(500), 7).unwrap());
-    assert_ne!(generate(&spec(500), 7).unwrap(), generate(&spec(500), 8).unwrap());
+    assert_eq!(
+        generate(&spec(500), 7).unwrap(),
+        generate(&spec(500), 7).unwrap()
+    );
+    assert_ne!(
+        generate(&spec(500), 7).unwrap(),
+        generate(&spec(500), 8).unwrap()
+    );
 }
 
 #[test]
 fn problems_are_distinct_so_splits_hold_out_whole_problems() {
     let rows = generate(&spec(20_000), 3).unwrap();
     let prompts: HashSet<&str> = rows.iter().map(|r| r.prompt.as_deref().unwrap()).collect();
-    assert_eq!(prompts.len(), 20_000, "the whole 2 × 100 × 100 universe, each once");
+    assert_eq!(
+        prompts.len(),
+        20_000,
+        "the whole 2 × 100 × 100 universe, each once"
+    );
     let error = generate(&spec(20_001), 3).unwrap_err().to_string();
     assert!(error.contains("only 20000 exist"), "{error}");
 }
@@ -134,11 +158,16 @@ fn rows_have_the_exact_layout_of_the_trl_reference_files() {
     // Q/A pretraining lines are the prompt, a space and the answer.
     for row in read_rows(&data.join("pretrain.jsonl")).unwrap() {
         let text = row.text.as_deref().unwrap();
-        let Some(at) = text.find("\nA: ") else { continue };
+        let Some(at) = text.find("\nA: ") else {
+            continue;
+        };
         let ours = twin(&Row {
             prompt: Some(format!("{}\nA:", &text[..at])),
             ..Row::default()
         });
-        assert_eq!(format!("{} {}", ours.prompt.unwrap(), ours.answer.unwrap()), text);
+        assert_eq!(
+            format!("{} {}", ours.prompt.unwrap(), ours.answer.unwrap()),
+            text
+        );
     }
 }

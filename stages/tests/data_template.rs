@@ -25,7 +25,9 @@ fn chat_templates_render_byte_for_byte_like_transformers() {
     let cases: Vec<ReferenceCase> = serde_json::from_str(&text).unwrap();
     assert_eq!(cases.len(), 20);
     for case in &cases {
-        let config = chat_templates_dir().join(&case.template).join("tokenizer_config.json");
+        let config = chat_templates_dir()
+            .join(&case.template)
+            .join("tokenizer_config.json");
         let template = PromptTemplate::from_tokenizer_config(&config).unwrap();
         let rendered = template
             .renderer()
@@ -63,7 +65,9 @@ fn custom_template_replaces_the_prompt_placeholder_once() {
 
 #[test]
 fn plain_template_without_placeholder_is_refused() {
-    let error = PromptTemplate::plain("User: \n\nAssistant: ").unwrap_err().to_string();
+    let error = PromptTemplate::plain("User: \n\nAssistant: ")
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("{prompt}"), "{error}");
     assert!(PromptTemplate::plain("{prompt} and {prompt}").is_err());
 }
@@ -75,7 +79,10 @@ fn template_travels_as_template_json() {
     let config = chat_templates_dir().join("qwen2.5/tokenizer_config.json");
     let template = PromptTemplate::from_tokenizer_config(&config).unwrap();
     template.save(dir.path()).unwrap();
-    assert_eq!(PromptTemplate::load(dir.path()).unwrap(), Some(template.clone()));
+    assert_eq!(
+        PromptTemplate::load(dir.path()).unwrap(),
+        Some(template.clone())
+    );
     let plain = PromptTemplate::plain("{prompt}").unwrap();
     plain.save(dir.path()).unwrap();
     assert_eq!(PromptTemplate::load(dir.path()).unwrap(), Some(plain));
@@ -114,7 +121,10 @@ fn chat_row_completion_is_what_the_reply_adds_after_the_generation_prompt() {
 fn plain_template_renders_chat_rows_with_one_user_turn_only() {
     let renderer = PromptTemplate::default().renderer().unwrap();
     let single = Row {
-        messages: Some(vec![Message::new("user", "Hi"), Message::new("assistant", "Hello")]),
+        messages: Some(vec![
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello"),
+        ]),
         ..Row::default()
     };
     let rendered = renderer.render_row(&single).unwrap();
@@ -145,20 +155,32 @@ fn raise_exception_in_a_template_is_a_template_error_with_its_message() {
         .unwrap()
         .renderer()
         .unwrap();
-    assert_eq!(renderer.render_chat(&[Message::new("user", "x")], true).unwrap(), "ok");
+    assert_eq!(
+        renderer
+            .render_chat(&[Message::new("user", "x")], true)
+            .unwrap(),
+        "ok"
+    );
     let error = renderer
         .render_chat(&[Message::new("assistant", "x")], true)
         .unwrap_err()
         .to_string();
-    assert!(error.contains("Conversations must start with a user turn"), "{error}");
+    assert!(
+        error.contains("Conversations must start with a user turn"),
+        "{error}"
+    );
 }
 
 #[test]
 fn tokenizer_config_without_chat_template_says_how_to_use_a_plain_one() {
-    let Some(config) = rlhf_stages::testing::shared_path("bench/trl/tokenizer/tokenizer_config.json") else {
+    let Some(config) =
+        rlhf_stages::testing::shared_path("bench/trl/tokenizer/tokenizer_config.json")
+    else {
         return;
     };
-    let error = PromptTemplate::from_tokenizer_config(&config).unwrap_err().to_string();
+    let error = PromptTemplate::from_tokenizer_config(&config)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("no `chat_template`"), "{error}");
 }
 

@@ -11,7 +11,8 @@ use rlhf_stages::testing::shared_path;
 
 fn corpus() -> Vec<String> {
     let spec: SyntheticSpec =
-        serde_json::from_value(serde_json::json!({ "count": 3000, "plain_text_fraction": 0.3 })).unwrap();
+        serde_json::from_value(serde_json::json!({ "count": 3000, "plain_text_fraction": 0.3 }))
+            .unwrap();
     generate(&spec, 5)
         .unwrap()
         .into_iter()
@@ -23,8 +24,10 @@ fn corpus() -> Vec<String> {
 fn training_twice_gives_identical_tokenizer_json_bytes() {
     let texts = corpus();
     let settings = BpeSettings::default();
-    let first = tokenizer_json(&train_bpe(texts.iter().map(String::as_str), &settings).unwrap()).unwrap();
-    let second = tokenizer_json(&train_bpe(texts.iter().map(String::as_str), &settings).unwrap()).unwrap();
+    let first =
+        tokenizer_json(&train_bpe(texts.iter().map(String::as_str), &settings).unwrap()).unwrap();
+    let second =
+        tokenizer_json(&train_bpe(texts.iter().map(String::as_str), &settings).unwrap()).unwrap();
     assert_eq!(first, second);
     let smaller = BpeSettings {
         vocab_size: 300,
@@ -58,8 +61,14 @@ fn every_digit_is_its_own_token_and_no_special_tokens_are_added() {
         "{:?}",
         encoding.get_tokens()
     );
-    assert!(digit_tokens.iter().all(|t| t.chars().count() == 1), "{digit_tokens:?}");
-    assert!(!encoding.get_ids().iter().any(|&id| id < 3), "no special tokens added");
+    assert!(
+        digit_tokens.iter().all(|t| t.chars().count() == 1),
+        "{digit_tokens:?}"
+    );
+    assert!(
+        !encoding.get_ids().iter().any(|&id| id < 3),
+        "no special tokens added"
+    );
     assert_eq!(tokenizer.decode(encoding.get_ids(), false).unwrap(), text);
     // Without the digit splitter, BPE learns multi-digit tokens from the same corpus.
     let merged = BpeSettings {
@@ -85,9 +94,15 @@ fn rust_training_reproduces_the_python_reference_tokenizer() {
         return;
     };
     let rows = read_rows(&data).unwrap();
-    let tokenizer = train_bpe(rows.iter().map(|r| r.text.as_deref().unwrap()), &BpeSettings::default()).unwrap();
-    let ours: serde_json::Value = serde_json::from_str(&tokenizer_json(&tokenizer).unwrap()).unwrap();
-    let theirs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+    let tokenizer = train_bpe(
+        rows.iter().map(|r| r.text.as_deref().unwrap()),
+        &BpeSettings::default(),
+    )
+    .unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_str(&tokenizer_json(&tokenizer).unwrap()).unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
     assert_eq!(ours["model"]["vocab"], theirs["model"]["vocab"]);
     assert_eq!(ours["model"]["merges"], theirs["model"]["merges"]);
     assert_eq!(ours["pre_tokenizer"], theirs["pre_tokenizer"]);
@@ -128,7 +143,16 @@ fn a_missing_pad_token_falls_back_to_eos() {
             bos: Some(1)
         }
     );
-    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": "</s>"}"#).unwrap();
-    let error = special_tokens(dir.path(), &tokenizer).unwrap_err().to_string();
-    assert!(error.contains("not in the tokenizer's vocabulary"), "{error}");
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"eos_token": "</s>"}"#,
+    )
+    .unwrap();
+    let error = special_tokens(dir.path(), &tokenizer)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("not in the tokenizer's vocabulary"),
+        "{error}"
+    );
 }

@@ -36,7 +36,12 @@ impl Run {
     pub fn statuses(&self) -> BTreeMap<String, String> {
         self.stages()
             .iter()
-            .map(|s| (s["stage"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string()))
+            .map(|s| {
+                (
+                    s["stage"].as_str().unwrap().to_string(),
+                    s["status"].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     }
 
@@ -55,7 +60,11 @@ impl Run {
 
     /// Names of the stages with this status, sorted.
     pub fn with_status(&self, status: &str) -> Vec<String> {
-        self.statuses().into_iter().filter(|(_, s)| s == status).map(|(n, _)| n).collect()
+        self.statuses()
+            .into_iter()
+            .filter(|(_, s)| s == status)
+            .map(|(n, _)| n)
+            .collect()
     }
 
     /// The (only) output directory of `stage`, from `--json`.
@@ -71,7 +80,11 @@ impl Run {
     }
 
     pub fn assert_code(&self, code: i32) -> &Self {
-        assert_eq!(self.code, code, "exit code\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, code,
+            "exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
@@ -221,9 +234,24 @@ pub fn diamond_stages() -> Vec<String> {
             "{ a: a }",
             "{ m: 1 }",
         ),
-        stage("c", "cat {inputs.a}/f.txt > {out}/f.txt; echo c >> {out}/f.txt", "{ a: a }", "{}"),
-        stage("d", "cat {inputs.b}/f.txt {inputs.c}/f.txt > {out}/f.txt", "{ b: b, c: c }", "{}"),
-        stage("e", "cat {inputs.a}/f.txt > {out}/f.txt; echo e >> {out}/f.txt", "{ a: a }", "{}"),
+        stage(
+            "c",
+            "cat {inputs.a}/f.txt > {out}/f.txt; echo c >> {out}/f.txt",
+            "{ a: a }",
+            "{}",
+        ),
+        stage(
+            "d",
+            "cat {inputs.b}/f.txt {inputs.c}/f.txt > {out}/f.txt",
+            "{ b: b, c: c }",
+            "{}",
+        ),
+        stage(
+            "e",
+            "cat {inputs.a}/f.txt > {out}/f.txt; echo e >> {out}/f.txt",
+            "{ a: a }",
+            "{}",
+        ),
     ]
 }
 

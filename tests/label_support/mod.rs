@@ -36,9 +36,17 @@ pub fn http(method: &str, port: u16, path: &str, body: Option<&str>) -> (u16, St
 }
 
 /// Like [`http`] with the given header lines (each ending in CRLF) instead of the defaults.
-pub fn http_with(method: &str, port: u16, path: &str, headers: &str, body: &str) -> (u16, String, String) {
+pub fn http_with(
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let request = format!(
         "{method} {path} HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -80,7 +88,11 @@ pub fn http_with(method: &str, port: u16, path: &str, headers: &str, body: &str)
         raw.extend_from_slice(&buffer[..n]);
     }
     let rest = String::from_utf8_lossy(&raw[head_end..]).into_owned();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let body = if chunked { dechunk(&rest) } else { rest };
     (status, head, body)
 }
@@ -99,13 +111,20 @@ fn dechunk(mut rest: &str) -> String {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
-        assert!(started.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -129,7 +148,9 @@ impl Browser {
             .expect("start chromedriver");
         wait_until("chromedriver", || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && http("GET", port, "/status", None).2.contains("\"ready\":true")
+                && http("GET", port, "/status", None)
+                    .2
+                    .contains("\"ready\":true")
         });
         let profile = tempfile::tempdir().unwrap();
         // The flags this machine's notes give for headless chromium without network access.
@@ -155,7 +176,12 @@ impl Browser {
             .as_str()
             .unwrap_or_else(|| panic!("no WebDriver session: {body}"))
             .to_string();
-        Browser { driver, port, session, _profile: profile }
+        Browser {
+            driver,
+            port,
+            session,
+            _profile: profile,
+        }
     }
 
     fn command(&self, method: &str, path: &str, body: Value) -> Value {
@@ -172,7 +198,11 @@ impl Browser {
     }
 
     fn element(&self, css: &str) -> String {
-        let found = self.command("POST", "/element", json!({ "using": "css selector", "value": css }));
+        let found = self.command(
+            "POST",
+            "/element",
+            json!({ "using": "css selector", "value": css }),
+        );
         found
             .as_object()
             .and_then(|o| o.values().next())
@@ -188,16 +218,27 @@ impl Browser {
 
     pub fn type_into(&self, css: &str, text: &str) {
         let id = self.element(css);
-        self.command("POST", &format!("/element/{id}/value"), json!({ "text": text }));
+        self.command(
+            "POST",
+            &format!("/element/{id}/value"),
+            json!({ "text": text }),
+        );
     }
 
     /// Runs `script` (a function body) in the page and returns its value.
     pub fn eval(&self, script: &str) -> Value {
-        self.command("POST", "/execute/sync", json!({ "script": script, "args": [] }))
+        self.command(
+            "POST",
+            "/execute/sync",
+            json!({ "script": script, "args": [] }),
+        )
     }
 
     pub fn text(&self, css: &str) -> String {
-        let script = format!("const e = document.querySelector({}); return e ? e.textContent : null;", json!(css));
+        let script = format!(
+            "const e = document.querySelector({}); return e ? e.textContent : null;",
+            json!(css)
+        );
         self.eval(&script).as_str().unwrap_or("").to_string()
     }
 
@@ -208,13 +249,22 @@ impl Browser {
             actions.push(json!({ "type": "keyDown", "value": key }));
             actions.push(json!({ "type": "keyUp", "value": key }));
         }
-        self.command("POST", "/actions", json!({ "actions": [{ "type": "key", "id": "keyboard", "actions": actions }] }));
+        self.command(
+            "POST",
+            "/actions",
+            json!({ "actions": [{ "type": "key", "id": "keyboard", "actions": actions }] }),
+        );
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = http("DELETE", self.port, &format!("/session/{}", self.session), None);
+        let _ = http(
+            "DELETE",
+            self.port,
+            &format!("/session/{}", self.session),
+            None,
+        );
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -229,12 +279,26 @@ pub struct LabelProcess {
 
 impl LabelProcess {
     pub fn start(mut command: Command) -> Self {
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start rlhf label");
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start rlhf label");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let url = line.trim().to_string();
-        assert!(url.starts_with("http://127.0.0.1:"), "rlhf label printed {url:?}");
-        let port = url["http://127.0.0.1:".len()..].split('/').next().unwrap().parse().unwrap();
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "rlhf label printed {url:?}"
+        );
+        let port = url["http://127.0.0.1:".len()..]
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         LabelProcess { child, url, port }
     }
 

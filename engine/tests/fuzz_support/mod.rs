@@ -101,7 +101,8 @@ pub fn scalar() -> impl Strategy<Value = String> {
 pub fn tree() -> impl Strategy<Value = String> {
     scalar().prop_recursive(5, 48, 6, |inner| {
         prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..5).prop_map(|items| format!("[{}]", items.join(", "))),
+            proptest::collection::vec(inner.clone(), 0..5)
+                .prop_map(|items| format!("[{}]", items.join(", "))),
             proptest::collection::vec((word(), inner), 0..6).prop_map(|entries| {
                 let body: Vec<String> = entries
                     .iter()
@@ -115,7 +116,10 @@ pub fn tree() -> impl Strategy<Value = String> {
 
 /// A pipeline-shaped file: stages s0..s2 with a (mostly real) kind and random params.
 pub fn pipeline() -> impl Strategy<Value = String> {
-    let kind = prop_oneof![proptest::sample::select(KINDS).prop_map(str::to_string), word(),];
+    let kind = prop_oneof![
+        proptest::sample::select(KINDS).prop_map(str::to_string),
+        word(),
+    ];
     let stage = (kind, proptest::collection::vec((word(), tree()), 0..5));
     (
         proptest::collection::vec(stage, 0..4),
@@ -124,13 +128,22 @@ pub fn pipeline() -> impl Strategy<Value = String> {
         .prop_map(|(stages, top)| {
             let mut text = String::from("stages:\n");
             for (i, (kind, params)) in stages.iter().enumerate() {
-                text.push_str(&format!("  s{i}:\n    kind: {}\n", serde_json::to_string(kind).unwrap_or_default()));
+                text.push_str(&format!(
+                    "  s{i}:\n    kind: {}\n",
+                    serde_json::to_string(kind).unwrap_or_default()
+                ));
                 for (key, value) in params {
-                    text.push_str(&format!("    {}: {value}\n", serde_json::to_string(key).unwrap_or_default()));
+                    text.push_str(&format!(
+                        "    {}: {value}\n",
+                        serde_json::to_string(key).unwrap_or_default()
+                    ));
                 }
             }
             for (key, value) in top {
-                text.push_str(&format!("{}: {value}\n", serde_json::to_string(&key).unwrap_or_default()));
+                text.push_str(&format!(
+                    "{}: {value}\n",
+                    serde_json::to_string(&key).unwrap_or_default()
+                ));
             }
             text
         })

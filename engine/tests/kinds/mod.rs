@@ -2,7 +2,10 @@
 //! free-form params, external inputs) to exercise checking and keys without ML.
 #![allow(dead_code)] // each test file uses a different subset
 
-use rlhf_engine::{ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Registry, Stage, StageContext, StageError};
+use rlhf_engine::{
+    ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Registry, Stage,
+    StageContext, StageError,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,11 +28,19 @@ impl Stage for Split {
 
     fn ports(params: &SplitParams) -> Result<Ports, PortsError> {
         if params.parts.is_empty() {
-            return Err(PortsError::new(Some("parts"), "`parts` must name at least one part"));
+            return Err(PortsError::new(
+                Some("parts"),
+                "`parts` must name at least one part",
+            ));
         }
         Ok(Ports {
-            inputs: vec![InputPort::stage("source", &params.source, &[]).allow_external(ExternalPolicy::StageOrPath)],
-            outputs: params.parts.iter().map(|p| OutputPort::new(p, ArtifactKind::Dataset)).collect(),
+            inputs: vec![InputPort::stage("source", &params.source, &[])
+                .allow_external(ExternalPolicy::StageOrPath)],
+            outputs: params
+                .parts
+                .iter()
+                .map(|p| OutputPort::new(p, ArtifactKind::Dataset))
+                .collect(),
         })
     }
 
@@ -71,7 +82,11 @@ impl Stage for Train {
 
     fn ports(params: &TrainParams) -> Result<Ports, PortsError> {
         Ok(Ports {
-            inputs: vec![InputPort::stage("data", &params.data, &[ArtifactKind::Dataset])],
+            inputs: vec![InputPort::stage(
+                "data",
+                &params.data,
+                &[ArtifactKind::Dataset],
+            )],
             outputs: vec![OutputPort::new("model", ArtifactKind::Model)],
         })
     }
@@ -102,7 +117,10 @@ impl Stage for Judge {
                 .models
                 .iter()
                 .enumerate()
-                .map(|(i, m)| InputPort::stage(&format!("model{i}"), m, ArtifactKind::MODELS).at_param(&format!("models.{i}")))
+                .map(|(i, m)| {
+                    InputPort::stage(&format!("model{i}"), m, ArtifactKind::MODELS)
+                        .at_param(&format!("models.{i}"))
+                })
                 .collect(),
             outputs: vec![OutputPort::new("metrics", ArtifactKind::Metrics)],
         })
@@ -174,7 +192,10 @@ pub fn registry() -> Registry {
 }
 
 /// Parses and checks pipeline text (`--set` arguments applied) as `pipeline.yaml`.
-pub fn check(text: &str, overrides: &[&str]) -> Result<rlhf_engine::check::Pipeline, rlhf_engine::diagnostic::PipelineError> {
+pub fn check(
+    text: &str,
+    overrides: &[&str],
+) -> Result<rlhf_engine::check::Pipeline, rlhf_engine::diagnostic::PipelineError> {
     let mut raw = rlhf_engine::spec::parse(std::path::Path::new("pipeline.yaml"), text)?;
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     rlhf_engine::overrides::apply(&mut raw, &overrides)?;

@@ -125,7 +125,10 @@ impl<'a> Encoder<'a> {
             .tokenizer
             .encode_batch_fast(texts, false)
             .map_err(|e| DataError::tokenizer("(encode)", e.to_string()))?;
-        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
     }
 
     /// Adds bos and eos as configured and applies max_length.
@@ -148,20 +151,28 @@ impl<'a> Encoder<'a> {
     /// template closes it), exactly like an SFT completion.
     pub fn encode_pair(&self, row: &Row) -> Result<Option<EncodedPair>, DataError> {
         let (Some(chosen), Some(rejected)) = (&row.chosen, &row.rejected) else {
-            return Err(DataError::template("the row has no `chosen` and `rejected`"));
+            return Err(DataError::template(
+                "the row has no `chosen` and `rejected`",
+            ));
         };
         let turns = match (&row.messages, &row.prompt) {
             (Some(messages), _) => messages.clone(),
             (None, Some(prompt)) => vec![Message::new("user", prompt)],
-            (None, None) => return Err(DataError::template("the preference row has no `prompt` or `messages`")),
+            (None, None) => {
+                return Err(DataError::template(
+                    "the preference row has no `prompt` or `messages`",
+                ))
+            }
         };
         let chosen = self.renderer.render_turns(&turns, Some(chosen))?;
         let rejected = self.renderer.render_turns(&turns, Some(rejected))?;
         let prompt = self.encode_text(&chosen.prompt)?;
         let chosen = self.encode_text(chosen.completion.as_deref().unwrap_or_default())?;
         let rejected = self.encode_text(rejected.completion.as_deref().unwrap_or_default())?;
-        let (Some(chosen), Some(rejected)) = (self.assemble(prompt.clone(), chosen), self.assemble(prompt, rejected))
-        else {
+        let (Some(chosen), Some(rejected)) = (
+            self.assemble(prompt.clone(), chosen),
+            self.assemble(prompt, rejected),
+        ) else {
             return Ok(None);
         };
         Ok(Some(EncodedPair {
@@ -174,9 +185,9 @@ impl<'a> Encoder<'a> {
     /// Pretraining ids: the row's text (or prompt + completion, untemplated) plus eos,
     /// cut to max_length.
     pub fn encode_lm_text(&self, row: &Row) -> Result<Vec<u32>, DataError> {
-        let text = row
-            .lm_text()
-            .ok_or_else(|| DataError::template("the row has no `text` (or `prompt` and `completion`)"))?;
+        let text = row.lm_text().ok_or_else(|| {
+            DataError::template("the row has no `text` (or `prompt` and `completion`)")
+        })?;
         let mut ids = self.with_optional_bos(self.encode_text(&text)?);
         ids.push(self.special.eos);
         if let Some(max_length) = self.max_length {
@@ -192,9 +203,9 @@ impl<'a> Encoder<'a> {
 
 fn render_for_training(renderer: &Renderer, row: &Row) -> Result<(String, String), DataError> {
     let rendered = renderer.render_row(row)?;
-    let completion = rendered
-        .completion
-        .ok_or_else(|| DataError::template("the row has no completion (or final assistant turn) to train on"))?;
+    let completion = rendered.completion.ok_or_else(|| {
+        DataError::template("the row has no completion (or final assistant turn) to train on")
+    })?;
     Ok((rendered.prompt, completion))
 }
 
@@ -216,7 +227,11 @@ impl Batch {
     /// Pads `(prompt, target)` sequences; the loss covers the target tokens.
     fn from_parts(parts: &[(&[u32], &[u32])], pad: u32) -> Batch {
         let batch_size = parts.len();
-        let seq_len = parts.iter().map(|(p, t)| p.len() + t.len()).max().unwrap_or(0);
+        let seq_len = parts
+            .iter()
+            .map(|(p, t)| p.len() + t.len())
+            .max()
+            .unwrap_or(0);
         let mut batch = Batch {
             batch_size,
             seq_len,
@@ -260,14 +275,22 @@ impl Batch {
     }
 }
 
-fn mask_tensor(mask: &[u8], rows: usize, columns: usize, device: &Device) -> candle_core::Result<Tensor> {
+fn mask_tensor(
+    mask: &[u8],
+    rows: usize,
+    columns: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let values: Vec<f32> = mask.iter().map(|&m| f32::from(m)).collect();
     Tensor::from_vec(values, (rows, columns), device) // (b, t)
 }
 
 /// SFT batch: loss on completion tokens only.
 pub fn collate_examples(examples: &[&EncodedExample], pad: u32) -> Batch {
-    let parts: Vec<(&[u32], &[u32])> = examples.iter().map(|e| (&e.prompt[..], &e.completion[..])).collect();
+    let parts: Vec<(&[u32], &[u32])> = examples
+        .iter()
+        .map(|e| (&e.prompt[..], &e.completion[..]))
+        .collect();
     Batch::from_parts(&parts, pad)
 }
 

@@ -41,10 +41,16 @@ pub enum DataError {
     },
     /// The record could not be parsed at all (bad JSON, wrong CSV field count).
     #[error("{location}: malformed record: {message}")]
-    MalformedRecord { location: RowLocation, message: String },
+    MalformedRecord {
+        location: RowLocation,
+        message: String,
+    },
     /// The record parsed but does not fit the format (a missing or mistyped field).
     #[error("{location}: {message}")]
-    BadRow { location: RowLocation, message: String },
+    BadRow {
+        location: RowLocation,
+        message: String,
+    },
     /// A whole file is unreadable in the declared way (invalid JSON document, bad parquet).
     #[error("{path}: {message}")]
     BadFile { path: PathBuf, message: String },
@@ -61,7 +67,10 @@ pub enum DataError {
 impl DataError {
     /// Problems confined to one record; `on_error: skip` skips and counts these.
     pub fn is_row_error(&self) -> bool {
-        matches!(self, DataError::MalformedRecord { .. } | DataError::BadRow { .. })
+        matches!(
+            self,
+            DataError::MalformedRecord { .. } | DataError::BadRow { .. }
+        )
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -98,7 +107,9 @@ impl From<DataError> for rlhf_engine::StageError {
             DataError::MalformedRecord { .. } | DataError::BadRow { .. } => {
                 Some("fix the record, remap field names with `fields:`, or set `on_error: skip`")
             }
-            DataError::NoFiles { .. } => Some("point `source` at a data file or a folder holding some"),
+            DataError::NoFiles { .. } => {
+                Some("point `source` at a data file or a folder holding some")
+            }
             _ => None,
         };
         match error {

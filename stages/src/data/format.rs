@@ -114,14 +114,22 @@ pub fn check_field_map(format: Format, fields: &FieldMap) -> Result<(), DataErro
 }
 
 /// Maps one record into a row; `format` must not be `Auto` (resolve it first).
-pub fn record_to_row(format: Format, fields: &FieldMap, record: RawRecord) -> Result<Row, DataError> {
+pub fn record_to_row(
+    format: Format,
+    fields: &FieldMap,
+    record: RawRecord,
+) -> Result<Row, DataError> {
     let reader = FieldReader {
         fields,
         record: &record.fields,
         location: &record.location,
     };
     let mut row = match format {
-        Format::Auto => return Err(reader.bad("the format is `auto` here; resolve it before mapping rows".into())),
+        Format::Auto => {
+            return Err(
+                reader.bad("the format is `auto` here; resolve it before mapping rows".into())
+            )
+        }
         Format::Rows => return rows_record(record),
         Format::Dolly => dolly(&reader)?,
         Format::PromptCompletion => Row {
@@ -233,7 +241,10 @@ fn conversational_preference(reader: &FieldReader) -> Result<Row, DataError> {
 /// start with that same prompt; the two replies (what follows, leading space kept) must
 /// be non-blank and different. On ../shared/data/hh-rlhf-harmless-base-test this rule
 /// reproduces `pairs.jsonl` exactly (2,304 pairs; 8 of 2,312 records refused).
-pub fn split_hh_dialogues(chosen: &str, rejected: &str) -> Result<(String, String, String), String> {
+pub fn split_hh_dialogues(
+    chosen: &str,
+    rejected: &str,
+) -> Result<(String, String, String), String> {
     let Some(at) = chosen.rfind(HH_ASSISTANT) else {
         return Err(format!(
             "no `prompt` field, and `chosen` is not an HH-RLHF dialogue (no {HH_ASSISTANT:?} in it)"
@@ -241,7 +252,10 @@ pub fn split_hh_dialogues(chosen: &str, rejected: &str) -> Result<(String, Strin
     };
     let prompt = &chosen[..at + HH_ASSISTANT.len()];
     let Some(rejected_reply) = rejected.strip_prefix(prompt) else {
-        return Err("HH-RLHF dialogues `chosen` and `rejected` differ before the last assistant turn".into());
+        return Err(
+            "HH-RLHF dialogues `chosen` and `rejected` differ before the last assistant turn"
+                .into(),
+        );
     };
     let chosen_reply = &chosen[prompt.len()..];
     if chosen_reply.trim().is_empty() || rejected_reply.trim().is_empty() {
@@ -250,7 +264,11 @@ pub fn split_hh_dialogues(chosen: &str, rejected: &str) -> Result<(String, Strin
     if chosen_reply == rejected_reply {
         return Err("the HH-RLHF replies `chosen` and `rejected` are identical".into());
     }
-    Ok((prompt.to_string(), chosen_reply.to_string(), rejected_reply.to_string()))
+    Ok((
+        prompt.to_string(),
+        chosen_reply.to_string(),
+        rejected_reply.to_string(),
+    ))
 }
 
 fn chat_messages(reader: &FieldReader) -> Result<Vec<Message>, DataError> {
@@ -367,12 +385,15 @@ impl FieldReader<'_> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => Ok(n.as_f64()),
             Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-            Some(Value::String(s)) => s
-                .trim()
-                .parse::<f64>()
-                .map(Some)
-                .map_err(|_| self.bad(format!("field `{column}` must be a number, found {s:?}"))),
-            Some(other) => Err(self.bad(format!("field `{column}` must be a number, found {}", kind_of(other)))),
+            Some(Value::String(s)) => {
+                s.trim().parse::<f64>().map(Some).map_err(|_| {
+                    self.bad(format!("field `{column}` must be a number, found {s:?}"))
+                })
+            }
+            Some(other) => Err(self.bad(format!(
+                "field `{column}` must be a number, found {}",
+                kind_of(other)
+            ))),
         }
     }
 }

@@ -74,7 +74,9 @@ pub fn load_rows(path: &Path, options: &LoadOptions) -> Result<Loaded, DataError
             }
             Err(error) => return Err(error),
         }
-        let full = options.limit.is_some_and(|limit| loaded.rows.len() >= limit);
+        let full = options
+            .limit
+            .is_some_and(|limit| loaded.rows.len() >= limit);
         Ok(if full {
             ControlFlow::Break(())
         } else {

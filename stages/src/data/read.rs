@@ -21,7 +21,8 @@ pub type Record = Map<String, Value>;
 
 /// Receives each record (or the reason it is malformed); `Break` stops the read early
 /// (e.g. once `limit` rows are in), an error stops it and is returned.
-pub type Visitor<'a> = dyn FnMut(Result<RawRecord, DataError>) -> Result<ControlFlow<()>, DataError> + 'a;
+pub type Visitor<'a> =
+    dyn FnMut(Result<RawRecord, DataError>) -> Result<ControlFlow<()>, DataError> + 'a;
 
 /// A record and where it came from.
 #[derive(Clone, Debug)]
@@ -66,7 +67,9 @@ pub fn data_files(path: &Path, pattern: Option<&str>) -> Result<Vec<PathBuf>, Da
             Some(_) => Ok(vec![path.to_path_buf()]),
             None => Err(DataError::BadFile {
                 path: path.to_path_buf(),
-                message: "unknown file type; expected .jsonl, .json, .csv or .parquet (optionally .gz)".to_string(),
+                message:
+                    "unknown file type; expected .jsonl, .json, .csv or .parquet (optionally .gz)"
+                        .to_string(),
             }),
         };
     }
@@ -74,7 +77,9 @@ pub fn data_files(path: &Path, pattern: Option<&str>) -> Result<Vec<PathBuf>, Da
     collect_files(path, path, pattern, &mut files)?;
     files.sort();
     if files.is_empty() {
-        let filter = pattern.map(|p| format!(" matching `{p}`")).unwrap_or_default();
+        let filter = pattern
+            .map(|p| format!(" matching `{p}`"))
+            .unwrap_or_default();
         return Err(DataError::NoFiles {
             path: path.to_path_buf(),
             filter,
@@ -83,7 +88,12 @@ pub fn data_files(path: &Path, pattern: Option<&str>) -> Result<Vec<PathBuf>, Da
     Ok(files)
 }
 
-fn collect_files(root: &Path, dir: &Path, pattern: Option<&str>, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    pattern: Option<&str>,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), DataError> {
     let entries = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| DataError::io(dir, e))?;
@@ -130,7 +140,11 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 
 /// Calls `visit` with every record of every data file under `path`, in order. A
 /// `visit` error stops the read and is returned.
-pub fn read_records(path: &Path, pattern: Option<&str>, visit: &mut Visitor<'_>) -> Result<(), DataError> {
+pub fn read_records(
+    path: &Path,
+    pattern: Option<&str>,
+    visit: &mut Visitor<'_>,
+) -> Result<(), DataError> {
     for file in data_files(path, pattern)? {
         if read_file(&file, visit)?.is_break() {
             break;
@@ -179,7 +193,11 @@ fn malformed(path: &Path, position: Position, message: impl Into<String>) -> Dat
     }
 }
 
-fn read_json_lines(path: &Path, reader: impl BufRead, visit: &mut Visitor<'_>) -> Result<ControlFlow<()>, DataError> {
+fn read_json_lines(
+    path: &Path,
+    reader: impl BufRead,
+    visit: &mut Visitor<'_>,
+) -> Result<ControlFlow<()>, DataError> {
     for (index, line) in reader.lines().enumerate() {
         let position = Position::Line(index + 1);
         let line = match line {
@@ -215,7 +233,11 @@ fn read_json_lines(path: &Path, reader: impl BufRead, visit: &mut Visitor<'_>) -
     Ok(ControlFlow::Continue(()))
 }
 
-fn read_json_document(path: &Path, reader: impl Read, visit: &mut Visitor<'_>) -> Result<ControlFlow<()>, DataError> {
+fn read_json_document(
+    path: &Path,
+    reader: impl Read,
+    visit: &mut Visitor<'_>,
+) -> Result<ControlFlow<()>, DataError> {
     let document: Value = serde_json::from_reader(reader).map_err(|e| DataError::BadFile {
         path: path.to_path_buf(),
         message: format!("invalid JSON: {e}"),
@@ -227,14 +249,18 @@ fn read_json_document(path: &Path, reader: impl Read, visit: &mut Visitor<'_>) -
             _ => {
                 return Err(DataError::BadFile {
                     path: path.to_path_buf(),
-                    message: "expected a JSON array of records, or an object with a `data` array".to_string(),
+                    message: "expected a JSON array of records, or an object with a `data` array"
+                        .to_string(),
                 })
             }
         },
         other => {
             return Err(DataError::BadFile {
                 path: path.to_path_buf(),
-                message: format!("expected a JSON array of records, found {}", kind_of(&other)),
+                message: format!(
+                    "expected a JSON array of records, found {}",
+                    kind_of(&other)
+                ),
             })
         }
     };
@@ -258,8 +284,14 @@ fn read_json_document(path: &Path, reader: impl Read, visit: &mut Visitor<'_>) -
     Ok(ControlFlow::Continue(()))
 }
 
-fn read_csv(path: &Path, reader: impl Read, visit: &mut Visitor<'_>) -> Result<ControlFlow<()>, DataError> {
-    let mut csv_reader = csv::ReaderBuilder::new().has_headers(true).from_reader(reader);
+fn read_csv(
+    path: &Path,
+    reader: impl Read,
+    visit: &mut Visitor<'_>,
+) -> Result<ControlFlow<()>, DataError> {
+    let mut csv_reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(reader);
     let headers = csv_reader
         .headers()
         .map_err(|e| DataError::BadFile {
@@ -284,7 +316,10 @@ fn read_csv(path: &Path, reader: impl Read, visit: &mut Visitor<'_>) -> Result<C
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line() as usize);
                 if let csv::ErrorKind::Io(io) = e.kind() {
-                    return Err(DataError::io(path, std::io::Error::new(io.kind(), io.to_string())));
+                    return Err(DataError::io(
+                        path,
+                        std::io::Error::new(io.kind(), io.to_string()),
+                    ));
                 }
                 Err(malformed(path, Position::Line(line), csv_message(&e)))
             }
@@ -298,7 +333,9 @@ fn read_csv(path: &Path, reader: impl Read, visit: &mut Visitor<'_>) -> Result<C
 
 fn csv_message(error: &csv::Error) -> String {
     match error.kind() {
-        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => {
             format!("expected {expected_len} fields (as in the header), found {len}")
         }
         csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_string(),
@@ -343,9 +380,10 @@ fn field_to_json(field: &Field) -> Value {
         Field::Byte(v) => Value::from(*v),
         Field::Short(v) => Value::from(*v),
         Field::Int(v) | Field::Date(v) | Field::TimeMillis(v) => Value::from(*v),
-        Field::Long(v) | Field::TimeMicros(v) | Field::TimestampMillis(v) | Field::TimestampMicros(v) => {
-            Value::from(*v)
-        }
+        Field::Long(v)
+        | Field::TimeMicros(v)
+        | Field::TimestampMillis(v)
+        | Field::TimestampMicros(v) => Value::from(*v),
         Field::UByte(v) => Value::from(*v),
         Field::UShort(v) => Value::from(*v),
         Field::UInt(v) => Value::from(*v),
@@ -361,7 +399,9 @@ fn field_to_json(field: &Field) -> Value {
                 .map(|(name, field)| (name.clone(), field_to_json(field)))
                 .collect(),
         ),
-        Field::ListInternal(list) => Value::Array(list.elements().iter().map(field_to_json).collect()),
+        Field::ListInternal(list) => {
+            Value::Array(list.elements().iter().map(field_to_json).collect())
+        }
         Field::MapInternal(map) => Value::Array(
             map.entries()
                 .iter()

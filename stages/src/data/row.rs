@@ -33,7 +33,14 @@ use std::path::Path;
 pub const DATA_FILE: &str = "data.jsonl";
 
 /// The fields [`Row::text_field`] knows, in schema order.
-pub const TEXT_FIELDS: [&str; 6] = ["prompt", "completion", "messages", "chosen", "rejected", "text"];
+pub const TEXT_FIELDS: [&str; 6] = [
+    "prompt",
+    "completion",
+    "messages",
+    "chosen",
+    "rejected",
+    "text",
+];
 
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +111,9 @@ pub enum RowShape {
 impl RowShape {
     fn needs(self) -> &'static str {
         match self {
-            RowShape::PromptCompletion => "`prompt` and `completion` (or `messages` ending with an assistant turn)",
+            RowShape::PromptCompletion => {
+                "`prompt` and `completion` (or `messages` ending with an assistant turn)"
+            }
             RowShape::Preference => "`prompt` (or `messages`), `chosen` and `rejected`",
             RowShape::Prompt => "`prompt` (or `messages`)",
             RowShape::Text => "`text` (or `prompt` and `completion`)",
@@ -157,9 +166,13 @@ impl Row {
     /// Whether the row has what `shape` needs.
     pub fn has_shape(&self, shape: RowShape) -> bool {
         match shape {
-            RowShape::PromptCompletion => self.prompt_completion().is_some() || self.split_last_assistant().is_some(),
+            RowShape::PromptCompletion => {
+                self.prompt_completion().is_some() || self.split_last_assistant().is_some()
+            }
             RowShape::Preference => {
-                self.chosen.is_some() && self.rejected.is_some() && (self.prompt.is_some() || self.messages.is_some())
+                self.chosen.is_some()
+                    && self.rejected.is_some()
+                    && (self.prompt.is_some() || self.messages.is_some())
             }
             RowShape::Prompt => self.prompt.is_some() || self.messages.is_some(),
             RowShape::Text => self.lm_text().is_some(),
@@ -169,9 +182,15 @@ impl Row {
     /// All text a tokenizer should learn from: every text-bearing field, in schema order.
     pub fn texts(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
-        for text in [&self.prompt, &self.completion, &self.chosen, &self.rejected, &self.text]
-            .into_iter()
-            .flatten()
+        for text in [
+            &self.prompt,
+            &self.completion,
+            &self.chosen,
+            &self.rejected,
+            &self.text,
+        ]
+        .into_iter()
+        .flatten()
         {
             out.push(text);
         }

@@ -98,7 +98,9 @@ pub fn filter_by_length(
     for row in rows {
         let (prompt, completion) = measured_texts(&row);
         let completion_tokens = match (&row.completion, &row.chosen, &row.rejected) {
-            (None, Some(chosen), Some(rejected)) => count_tokens(chosen)?.max(count_tokens(rejected)?),
+            (None, Some(chosen), Some(rejected)) => {
+                count_tokens(chosen)?.max(count_tokens(rejected)?)
+            }
             _ => count_tokens(&completion)?,
         };
         if filter.keeps(count_tokens(&prompt)?, completion_tokens) {
@@ -148,12 +150,30 @@ pub fn split_counts(spec: &SplitSpec, total: usize) -> Result<Vec<(String, usize
         }
         return Ok(spec
             .iter()
-            .map(|(name, s)| (name.clone(), if let SplitSize::Count(c) = s { *c as usize } else { 0 }))
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    if let SplitSize::Count(c) = s {
+                        *c as usize
+                    } else {
+                        0
+                    },
+                )
+            })
             .collect());
     }
     let fractions: Vec<(String, f64)> = spec
         .iter()
-        .map(|(name, s)| (name.clone(), if let SplitSize::Fraction(f) = s { *f } else { 0.0 }))
+        .map(|(name, s)| {
+            (
+                name.clone(),
+                if let SplitSize::Fraction(f) = s {
+                    *f
+                } else {
+                    0.0
+                },
+            )
+        })
         .collect();
     let sum: f64 = fractions.iter().map(|(_, f)| f).sum();
     let mut counts: Vec<(String, usize, f64)> = fractions
@@ -168,11 +188,18 @@ pub fn split_counts(spec: &SplitSpec, total: usize) -> Result<Vec<(String, usize
         let mut by_remainder: Vec<usize> = (0..counts.len()).collect();
         // Largest remainder first; ties keep name order (the sort is stable).
         by_remainder.sort_by(|&a, &b| counts[b].2.total_cmp(&counts[a].2));
-        for &index in by_remainder.iter().cycle().take(total.saturating_sub(assigned)) {
+        for &index in by_remainder
+            .iter()
+            .cycle()
+            .take(total.saturating_sub(assigned))
+        {
             counts[index].1 += 1;
         }
     }
-    Ok(counts.into_iter().map(|(name, count, _)| (name, count)).collect())
+    Ok(counts
+        .into_iter()
+        .map(|(name, count, _)| (name, count))
+        .collect())
 }
 
 /// Checks a split spec on its own (before any row is read).
@@ -183,7 +210,10 @@ pub fn check_split_spec(spec: &SplitSpec) -> Result<(), DataError> {
             "name at least one split, e.g. `{train: 0.9, eval: 0.1}`",
         ));
     }
-    let counts = spec.values().filter(|s| matches!(s, SplitSize::Count(_))).count();
+    let counts = spec
+        .values()
+        .filter(|s| matches!(s, SplitSize::Count(_)))
+        .count();
     if counts != 0 && counts != spec.len() {
         return Err(DataError::param(
             "split",
@@ -191,7 +221,10 @@ pub fn check_split_spec(spec: &SplitSpec) -> Result<(), DataError> {
         ));
     }
     for (name, size) in spec {
-        let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid {
             return Err(DataError::param(
                 &format!("split.{name}"),
@@ -209,7 +242,13 @@ pub fn check_split_spec(spec: &SplitSpec) -> Result<(), DataError> {
     }
     let sum: f64 = spec
         .values()
-        .map(|s| if let SplitSize::Fraction(f) = s { *f } else { 0.0 })
+        .map(|s| {
+            if let SplitSize::Fraction(f) = s {
+                *f
+            } else {
+                0.0
+            }
+        })
         .sum();
     if sum > 1.0 + 1e-9 {
         return Err(DataError::param(
@@ -232,7 +271,11 @@ pub struct SelectPlan {
 }
 
 /// Applies a plan: returns (output name, rows) in name order; `data` with no split.
-pub fn select(rows: Vec<Row>, plan: &SelectPlan, seed: u64) -> Result<Vec<(String, Vec<Row>)>, DataError> {
+pub fn select(
+    rows: Vec<Row>,
+    plan: &SelectPlan,
+    seed: u64,
+) -> Result<Vec<(String, Vec<Row>)>, DataError> {
     let mut order = shuffled_order(&rows, seed);
     if let Some(sample) = plan.sample {
         order.truncate(sample);
@@ -257,7 +300,10 @@ pub fn select(rows: Vec<Row>, plan: &SelectPlan, seed: u64) -> Result<Vec<(Strin
             if !plan.shuffle {
                 indices.sort_unstable();
             }
-            let rows = indices.into_iter().filter_map(|i| slots[i].take()).collect();
+            let rows = indices
+                .into_iter()
+                .filter_map(|i| slots[i].take())
+                .collect();
             (name, rows)
         })
         .collect())

@@ -230,8 +230,8 @@ const NAMES: [&str; 12] = [
     "Tom", "Anna", "Sam", "Lena", "Max", "Mia", "Omar", "Julia", "Ben", "Clara", "David", "Eva",
 ];
 const THINGS: [&str; 14] = [
-    "apples", "coins", "books", "stones", "marbles", "cards", "shells", "pencils", "oranges", "stamps", "cookies",
-    "flowers", "tickets", "buttons",
+    "apples", "coins", "books", "stones", "marbles", "cards", "shells", "pencils", "oranges",
+    "stamps", "cookies", "flowers", "tickets", "buttons",
 ];
 
 /// One of gen_data.py's plain-language sentences for the problem.

@@ -78,7 +78,9 @@ impl PromptTemplate {
     pub fn from_spec(spec: &str, model_dir: &Path) -> Result<Self, DataError> {
         match spec {
             "default" => Ok(PromptTemplate::default()),
-            "chat" => PromptTemplate::from_tokenizer_config(&model_dir.join("tokenizer_config.json")),
+            "chat" => {
+                PromptTemplate::from_tokenizer_config(&model_dir.join("tokenizer_config.json"))
+            }
             custom => PromptTemplate::plain(custom),
         }
     }
@@ -87,8 +89,8 @@ impl PromptTemplate {
     /// templates of which `default` is taken), with its bos/eos tokens.
     pub fn from_tokenizer_config(path: &Path) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| DataError::tokenizer(path, format!("invalid JSON: {e}")))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| DataError::tokenizer(path, format!("invalid JSON: {e}")))?;
         let chat_template = match config.get("chat_template") {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Array(named)) => named
@@ -115,7 +117,8 @@ impl PromptTemplate {
     /// Writes `dir/template.json`.
     pub fn save(&self, dir: &Path) -> Result<(), DataError> {
         let path = dir.join(TEMPLATE_FILE);
-        let text = serde_json::to_string_pretty(self).map_err(|e| DataError::template(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| DataError::template(e.to_string()))?;
         std::fs::write(&path, text + "\n").map_err(|e| DataError::io(&path, e))
     }
 
@@ -126,8 +129,8 @@ impl PromptTemplate {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
-        let template =
-            serde_json::from_str(&text).map_err(|e| DataError::template(format!("{}: {e}", path.display())))?;
+        let template = serde_json::from_str(&text)
+            .map_err(|e| DataError::template(format!("{}: {e}", path.display())))?;
         Ok(Some(template))
     }
 
@@ -157,7 +160,10 @@ fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
     match config.get(key)? {
         serde_json::Value::String(s) => Some(s.clone()),
         // Older configs write {"content": "<s>", "__type": "AddedToken", ...}.
-        other => other.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        other => other
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
     }
 }
 
@@ -182,7 +188,11 @@ impl Renderer {
 
     /// A chat rendered by the chat template; a plain template accepts only a single user
     /// turn (plus an optional leading system message, which it drops).
-    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, DataError> {
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, DataError> {
         let (
             Some(environment),
             PromptTemplate::Chat {
@@ -205,7 +215,9 @@ impl Renderer {
         let messages: Vec<Value> = all
             .iter()
             // Key order as in Python dicts, so `messages | tojson` matches transformers.
-            .map(|m| Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
+            .map(|m| {
+                Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())])
+            })
             .collect();
         let context = minijinja::context! {
             messages => messages,
@@ -227,10 +239,9 @@ impl Renderer {
         if let Some(messages) = &row.messages {
             return self.render_turns(messages, None);
         }
-        let prompt = row
-            .prompt
-            .as_deref()
-            .ok_or_else(|| DataError::template("the row has no `prompt` or `messages` to render"))?;
+        let prompt = row.prompt.as_deref().ok_or_else(|| {
+            DataError::template("the row has no `prompt` or `messages` to render")
+        })?;
         match &self.template {
             PromptTemplate::Plain { .. } => Ok(RenderedExample {
                 prompt: self.render_prompt(prompt)?,
@@ -243,7 +254,11 @@ impl Renderer {
     }
 
     /// Prompt turns and an optional assistant reply → prompt text and completion text.
-    pub fn render_turns(&self, prompt: &[Message], reply: Option<&str>) -> Result<RenderedExample, DataError> {
+    pub fn render_turns(
+        &self,
+        prompt: &[Message],
+        reply: Option<&str>,
+    ) -> Result<RenderedExample, DataError> {
         let prompt_text = self.render_chat(prompt, true)?;
         let Some(reply) = reply else {
             return Ok(RenderedExample {
@@ -328,7 +343,12 @@ fn python_tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
     Ok(Value::from_safe_string(out))
 }
 
-fn write_python_json(out: &mut String, value: &Value, indent: Option<usize>, depth: usize) -> Result<(), JinjaError> {
+fn write_python_json(
+    out: &mut String,
+    value: &Value,
+    indent: Option<usize>,
+    depth: usize,
+) -> Result<(), JinjaError> {
     let newline = |out: &mut String, depth: usize| {
         if let Some(width) = indent {
             out.push('\n');

@@ -56,15 +56,17 @@ pub fn load_tokenizer(dir_or_file: &Path) -> Result<Tokenizer, DataError> {
 pub fn special_tokens(dir: &Path, tokenizer: &Tokenizer) -> Result<SpecialTokens, DataError> {
     let config_path = dir.join(TOKENIZER_CONFIG_FILE);
     let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-        Ok(text) => {
-            serde_json::from_str(&text).map_err(|e| DataError::tokenizer(&config_path, format!("invalid JSON: {e}")))?
-        }
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| DataError::tokenizer(&config_path, format!("invalid JSON: {e}")))?,
         Err(_) => serde_json::Value::Null,
     };
     let id_of = |key: &str| -> Result<Option<u32>, DataError> {
         let token = match config.get(key) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(other) => other.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Some(other) => other
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             None => None,
         };
         match token {
@@ -77,8 +79,12 @@ pub fn special_tokens(dir: &Path, tokenizer: &Tokenizer) -> Result<SpecialTokens
             }),
         }
     };
-    let eos = id_of("eos_token")?
-        .ok_or_else(|| DataError::tokenizer(&config_path, "no `eos_token`; completions need one to end with"))?;
+    let eos = id_of("eos_token")?.ok_or_else(|| {
+        DataError::tokenizer(
+            &config_path,
+            "no `eos_token`; completions need one to end with",
+        )
+    })?;
     Ok(SpecialTokens {
         pad: id_of("pad_token")?.unwrap_or(eos),
         eos,
@@ -142,7 +148,9 @@ pub fn train_bpe<'a>(
         .map_err(|e| failed(e.to_string()))?;
     for (id, token) in settings.special_tokens.iter().enumerate() {
         if tokenizer.token_to_id(token) != Some(id as u32) {
-            return Err(failed(format!("special token {token:?} did not get id {id}")));
+            return Err(failed(format!(
+                "special token {token:?} did not get id {id}"
+            )));
         }
     }
     Ok(tokenizer)

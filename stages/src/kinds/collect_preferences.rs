@@ -219,7 +219,10 @@ impl Stage for CollectPreferencesStage {
             None => (String::from("file"), labelled_candidates(ctx, &rows)?),
         };
         if let JudgeSpec::Human(judge) = &params.judge {
-            let texts = candidates.into_iter().map(|c| c.into_iter().map(|(text, _)| text).collect()).collect();
+            let texts = candidates
+                .into_iter()
+                .map(|c| c.into_iter().map(|(text, _)| text).collect())
+                .collect();
             let all_pairs = params.pairing == Pairing::AllPairs;
             return crate::label::stage::finish(judge, all_pairs, ctx, &rows, texts);
         }

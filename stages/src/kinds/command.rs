@@ -16,7 +16,10 @@
 //! RLHF_PARAM_<NAME>, RLHF_SEED and RLHF_SCRATCH. The program runs in rlhf's working
 //! directory; its stdout and stderr are kept in the stage's log folder.
 
-use rlhf_engine::{ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError};
+use rlhf_engine::{
+    ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext,
+    StageError,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -59,21 +62,37 @@ impl Stage for CommandStage {
 
     fn ports(params: &CommandParams) -> Result<Ports, PortsError> {
         if params.run.is_empty() || params.run[0].trim().is_empty() {
-            return Err(PortsError::new(Some("run"), "`run` must name a program").with_hint("e.g. run: [python3, scripts/prep.py, \"{out}\"]"));
+            return Err(PortsError::new(Some("run"), "`run` must name a program")
+                .with_hint("e.g. run: [python3, scripts/prep.py, \"{out}\"]"));
         }
         for (i, arg) in params.run.iter().enumerate() {
-            check_placeholders(arg, params).map_err(|m| PortsError::new(Some(&format!("run.{i}")), m))?;
+            check_placeholders(arg, params)
+                .map_err(|m| PortsError::new(Some(&format!("run.{i}")), m))?;
         }
         for (name, value) in &params.env {
-            check_placeholders(value, params).map_err(|m| PortsError::new(Some(&format!("env.{name}")), m))?;
+            check_placeholders(value, params)
+                .map_err(|m| PortsError::new(Some(&format!("env.{name}")), m))?;
         }
         if params.outputs.is_empty() {
-            return Err(PortsError::new(Some("outputs"), "`outputs` must list at least one file the program writes into {out}"));
+            return Err(PortsError::new(
+                Some("outputs"),
+                "`outputs` must list at least one file the program writes into {out}",
+            ));
         }
         for (i, output) in params.outputs.iter().enumerate() {
             let path = Path::new(output);
-            if output.is_empty() || path.is_absolute() || path.components().any(|c| !matches!(c, Component::Normal(_))) {
-                return Err(PortsError::new(Some(&format!("outputs.{i}")), format!("output `{output}` must be a relative path inside {{out}} without `..`")));
+            if output.is_empty()
+                || path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| !matches!(c, Component::Normal(_)))
+            {
+                return Err(PortsError::new(
+                    Some(&format!("outputs.{i}")),
+                    format!(
+                        "output `{output}` must be a relative path inside {{out}} without `..`"
+                    ),
+                ));
             }
         }
         let inputs = params
@@ -85,24 +104,41 @@ impl Stage for CommandStage {
                     .allow_external(ExternalPolicy::StageOrPathOrHub)
             })
             .collect();
-        Ok(Ports { inputs, outputs: vec![OutputPort::new("out", params.artifact)] })
+        Ok(Ports {
+            inputs,
+            outputs: vec![OutputPort::new("out", params.artifact)],
+        })
     }
 
     fn run(params: &CommandParams, ctx: &mut StageContext) -> Result<(), StageError> {
         let out = ctx.output_dir("out")?.to_path_buf();
         let values = placeholder_values(params, ctx, &out)?;
-        let argv: Vec<String> = params.run.iter().map(|a| substitute(a, &values)).collect::<Result<_, _>>().map_err(StageError::failed)?;
+        let argv: Vec<String> = params
+            .run
+            .iter()
+            .map(|a| substitute(a, &values))
+            .collect::<Result<_, _>>()
+            .map_err(StageError::failed)?;
         let stdout_path = ctx.log_dir.join("stdout.txt");
         let stderr_path = ctx.log_dir.join("stderr.txt");
-        let stdout = std::fs::File::create(&stdout_path).map_err(|e| StageError::io(&stdout_path, e))?;
-        let stderr = std::fs::File::create(&stderr_path).map_err(|e| StageError::io(&stderr_path, e))?;
+        let stdout =
+            std::fs::File::create(&stdout_path).map_err(|e| StageError::io(&stdout_path, e))?;
+        let stderr =
+            std::fs::File::create(&stderr_path).map_err(|e| StageError::io(&stderr_path, e))?;
         let mut command = Command::new(&argv[0]);
-        command.args(&argv[1..]).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+        command
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
         for (name, value) in &values {
             command.env(env_name(name), value);
         }
         for (name, value) in &params.env {
-            command.env(name, substitute(value, &values).map_err(StageError::failed)?);
+            command.env(
+                name,
+                substitute(value, &values).map_err(StageError::failed)?,
+            );
         }
         let status = command.status().map_err(|e| {
             StageError::failed_with_hint(
@@ -113,14 +149,25 @@ impl Stage for CommandStage {
         if !status.success() {
             let tail = last_lines(&stderr_path, 20);
             return Err(StageError::failed_with_hint(
-                format!("`{}` exited with {status}{}", argv.join(" "), if tail.is_empty() { String::new() } else { format!("; last lines of stderr:\n{tail}") }),
+                format!(
+                    "`{}` exited with {status}{}",
+                    argv.join(" "),
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; last lines of stderr:\n{tail}")
+                    }
+                ),
                 format!("full logs: {}", ctx.log_dir.display()),
             ));
         }
         for output in &params.outputs {
             if !out.join(output).exists() {
                 return Err(StageError::failed_with_hint(
-                    format!("`{}` exited 0 but did not create the declared output `{output}`", argv[0]),
+                    format!(
+                        "`{}` exited 0 but did not create the declared output `{output}`",
+                        argv[0]
+                    ),
                     "write every file listed in `outputs:` into the folder passed as {out}",
                 ));
             }
@@ -130,13 +177,20 @@ impl Stage for CommandStage {
 }
 
 /// Placeholder name (`out`, `inputs.raw`, `params.n`, `seed`, `scratch`) → value.
-fn placeholder_values(params: &CommandParams, ctx: &StageContext, out: &Path) -> Result<BTreeMap<String, String>, StageError> {
+fn placeholder_values(
+    params: &CommandParams,
+    ctx: &StageContext,
+    out: &Path,
+) -> Result<BTreeMap<String, String>, StageError> {
     let mut values = BTreeMap::new();
     values.insert("out".to_string(), out.display().to_string());
     values.insert("seed".to_string(), ctx.seed.to_string());
     values.insert("scratch".to_string(), ctx.scratch.display().to_string());
     for name in params.inputs.keys() {
-        values.insert(format!("inputs.{name}"), ctx.input(name)?.path.display().to_string());
+        values.insert(
+            format!("inputs.{name}"),
+            ctx.input(name)?.path.display().to_string(),
+        );
     }
     for (name, value) in &params.params {
         let text = match value {
@@ -150,7 +204,17 @@ fn placeholder_values(params: &CommandParams, ctx: &StageContext, out: &Path) ->
 
 /// `inputs.raw` → `RLHF_INPUT_RAW`.
 fn env_name(placeholder: &str) -> String {
-    let upper = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect::<String>();
+    let upper = |s: &str| {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>()
+    };
     match placeholder.split_once('.') {
         Some(("inputs", name)) => format!("RLHF_INPUT_{}", upper(name)),
         Some(("params", name)) => format!("RLHF_PARAM_{}", upper(name)),
@@ -178,7 +242,11 @@ fn parse_template(text: &str) -> Result<Vec<(bool, String)>, String> {
                 parts.push((false, std::mem::take(&mut literal)));
                 parts.push((true, name));
             }
-            '}' => return Err(format!("unmatched `}}` in `{text}` (write `}}}}` for a literal brace)")),
+            '}' => {
+                return Err(format!(
+                    "unmatched `}}` in `{text}` (write `}}}}` for a literal brace)"
+                ))
+            }
             c => literal.push(c),
         }
     }
@@ -201,7 +269,14 @@ fn check_placeholders(text: &str, params: &CommandParams) -> Result<(), String> 
             let mut valid: Vec<String> = vec!["out".into(), "seed".into(), "scratch".into()];
             valid.extend(params.inputs.keys().map(|k| format!("inputs.{k}")));
             valid.extend(params.params.keys().map(|k| format!("params.{k}")));
-            return Err(format!("unknown placeholder `{{{name}}}` in `{text}`; known: {}", valid.iter().map(|v| format!("{{{v}}}")).collect::<Vec<_>>().join(", ")));
+            return Err(format!(
+                "unknown placeholder `{{{name}}}` in `{text}`; known: {}",
+                valid
+                    .iter()
+                    .map(|v| format!("{{{v}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
     }
     Ok(())
@@ -211,7 +286,11 @@ fn substitute(text: &str, values: &BTreeMap<String, String>) -> Result<String, S
     let mut out = String::new();
     for (is_name, part) in parse_template(text)? {
         if is_name {
-            out.push_str(values.get(&part).ok_or_else(|| format!("unknown placeholder `{{{part}}}`"))?);
+            out.push_str(
+                values
+                    .get(&part)
+                    .ok_or_else(|| format!("unknown placeholder `{{{part}}}`"))?,
+            );
         } else {
             out.push_str(&part);
         }
@@ -242,14 +321,24 @@ mod tests {
 
     #[test]
     fn placeholders_are_substituted_and_braces_escaped() {
-        let values = BTreeMap::from([("out".to_string(), "/o".to_string()), ("params.n".to_string(), "3".to_string())]);
-        assert_eq!(substitute("{out}/a-{params.n}-{{x}}", &values).unwrap(), "/o/a-3-{x}");
+        let values = BTreeMap::from([
+            ("out".to_string(), "/o".to_string()),
+            ("params.n".to_string(), "3".to_string()),
+        ]);
+        assert_eq!(
+            substitute("{out}/a-{params.n}-{{x}}", &values).unwrap(),
+            "/o/a-3-{x}"
+        );
     }
 
     #[test]
     fn unknown_placeholder_is_refused_before_running() {
         let err = CommandStage::ports(&params(&["echo", "{inputs.nope}"])).unwrap_err();
-        assert!(err.message.contains("unknown placeholder `{inputs.nope}`"), "{}", err.message);
+        assert!(
+            err.message.contains("unknown placeholder `{inputs.nope}`"),
+            "{}",
+            err.message
+        );
         assert_eq!(err.param.as_deref(), Some("run.1"));
     }
 

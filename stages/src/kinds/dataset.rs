@@ -28,12 +28,15 @@
 use crate::data::format::{check_field_map, FieldMap, Format};
 use crate::data::load::{load_rows, LoadOptions, OnError};
 use crate::data::row::{write_rows, Row, DATA_FILE};
-use crate::data::select::{check_split_spec, filter_by_length, select, LengthFilter, SelectPlan, SplitSpec};
+use crate::data::select::{
+    check_split_spec, filter_by_length, select, LengthFilter, SelectPlan, SplitSpec,
+};
 use crate::data::synthetic::{generate, SyntheticSpec};
 use crate::data::tokenizer::load_tokenizer;
 use crate::data::DataError;
 use rlhf_engine::{
-    ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
+    ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext,
+    StageError,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -95,7 +98,8 @@ impl Stage for DatasetStage {
     type Params = DatasetParams;
     const KIND: &'static str = "dataset";
     const VERSION: u32 = 1;
-    const ABOUT: &'static str = "Read, map, filter and split a dataset (files, hf://datasets, or synthetic arithmetic)";
+    const ABOUT: &'static str =
+        "Read, map, filter and split a dataset (files, hf://datasets, or synthetic arithmetic)";
 
     fn ports(params: &DatasetParams) -> Result<Ports, PortsError> {
         let mut ports = Ports::default();
@@ -104,7 +108,11 @@ impl Stage for DatasetStage {
                 InputPort::stage(
                     "source",
                     reference,
-                    &[ArtifactKind::Dataset, ArtifactKind::Preferences, ArtifactKind::Files],
+                    &[
+                        ArtifactKind::Dataset,
+                        ArtifactKind::Preferences,
+                        ArtifactKind::Files,
+                    ],
                 )
                 .allow_external(ExternalPolicy::StageOrPathOrHub),
             ),
@@ -116,14 +124,19 @@ impl Stage for DatasetStage {
         }
         match (&params.tokenizer, params.filters.is_empty()) {
             (Some(tokenizer), _) => ports.inputs.push(
-                InputPort::stage("tokenizer", tokenizer, &[ArtifactKind::Tokenizer, ArtifactKind::Model])
-                    .allow_external(ExternalPolicy::StageOrPathOrHub),
+                InputPort::stage(
+                    "tokenizer",
+                    tokenizer,
+                    &[ArtifactKind::Tokenizer, ArtifactKind::Model],
+                )
+                .allow_external(ExternalPolicy::StageOrPathOrHub),
             ),
             (None, false) => {
-                return Err(
-                    PortsError::new(Some("filters"), "length filters count tokens and need a tokenizer")
-                        .with_hint("add `tokenizer: <a tokenizer or model stage, folder or hf:// id>`"),
+                return Err(PortsError::new(
+                    Some("filters"),
+                    "length filters count tokens and need a tokenizer",
                 )
+                .with_hint("add `tokenizer: <a tokenizer or model stage, folder or hf:// id>`"))
             }
             (None, true) => {}
         }
@@ -172,7 +185,11 @@ impl Stage for DatasetStage {
 }
 
 /// Rows from the source, how many records were skipped, and the format used.
-fn read_source(params: &DatasetParams, ctx: &StageContext, seed: u64) -> Result<(Vec<Row>, usize, Format), StageError> {
+fn read_source(
+    params: &DatasetParams,
+    ctx: &StageContext,
+    seed: u64,
+) -> Result<(Vec<Row>, usize, Format), StageError> {
     let reference = match &params.source {
         DatasetSource::Synthetic { synthetic } => {
             let mut rows = generate(synthetic, seed)?;
@@ -211,10 +228,12 @@ fn read_source(params: &DatasetParams, ctx: &StageContext, seed: u64) -> Result<
 fn with_reference(error: DataError, reference: &str) -> StageError {
     let error: StageError = error.into();
     match error {
-        StageError::Failed { message, hint } if !message.contains(reference) => StageError::Failed {
-            message: format!("source `{reference}`: {message}"),
-            hint,
-        },
+        StageError::Failed { message, hint } if !message.contains(reference) => {
+            StageError::Failed {
+                message: format!("source `{reference}`: {message}"),
+                hint,
+            }
+        }
         other => other,
     }
 }

@@ -3,11 +3,11 @@
 pub mod collect_preferences;
 pub mod command;
 pub mod dataset;
+pub mod dpo;
 pub mod evaluate;
 pub mod grpo;
 pub mod load_pretrained;
 pub mod ppo;
-pub mod dpo;
 pub mod pretrain;
 pub mod reference_logprobs;
 pub mod reward_model;

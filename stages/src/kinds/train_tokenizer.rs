@@ -18,10 +18,13 @@
 use crate::data::load::{load_rows, LoadOptions};
 use crate::data::row::{DATA_FILE, TEXT_FIELDS};
 use crate::data::template::PromptTemplate;
-use crate::data::tokenizer::{tokenizer_json, train_bpe, BpeSettings, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
+use crate::data::tokenizer::{
+    tokenizer_json, train_bpe, BpeSettings, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+};
 use crate::data::{DataError, Format};
 use rlhf_engine::{
-    ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
+    ArtifactKind, ExternalPolicy, InputPort, OutputPort, Ports, PortsError, Stage, StageContext,
+    StageError,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -115,15 +118,24 @@ impl Stage for TrainTokenizerStage {
             ));
         }
         if let Some(template) = &params.template {
-            PromptTemplate::plain(template).map_err(|e| PortsError::new(Some("template"), e.to_string()))?;
+            PromptTemplate::plain(template)
+                .map_err(|e| PortsError::new(Some("template"), e.to_string()))?;
         }
-        if let Some(unknown) = params.fields.iter().find(|f| !TEXT_FIELDS.contains(&f.as_str())) {
-            return Err(PortsError::new(Some("fields"), format!("unknown field `{unknown}`"))
-                .with_hint(format!("text fields are {}", TEXT_FIELDS.join(", "))));
+        if let Some(unknown) = params
+            .fields
+            .iter()
+            .find(|f| !TEXT_FIELDS.contains(&f.as_str()))
+        {
+            return Err(
+                PortsError::new(Some("fields"), format!("unknown field `{unknown}`"))
+                    .with_hint(format!("text fields are {}", TEXT_FIELDS.join(", "))),
+            );
         }
         Ok(Ports {
-            inputs: vec![InputPort::stage("data", &params.data, &[ArtifactKind::Dataset])
-                .allow_external(ExternalPolicy::StageOrPath)],
+            inputs: vec![
+                InputPort::stage("data", &params.data, &[ArtifactKind::Dataset])
+                    .allow_external(ExternalPolicy::StageOrPath),
+            ],
             outputs: vec![OutputPort::new("tokenizer", ArtifactKind::Tokenizer)],
         })
     }
@@ -146,7 +158,10 @@ impl Stage for TrainTokenizerStage {
             individual_digits: params.individual_digits,
         };
         let texts: Vec<String> = if params.fields.is_empty() {
-            rows.iter().flat_map(|row| row.texts()).map(str::to_string).collect()
+            rows.iter()
+                .flat_map(|row| row.texts())
+                .map(str::to_string)
+                .collect()
         } else {
             rows.iter()
                 .flat_map(|row| params.fields.iter().filter_map(|f| row.text_field(f)))
@@ -160,12 +175,16 @@ impl Stage for TrainTokenizerStage {
         }
         let tokenizer = train_bpe(texts.iter().map(String::as_str), &settings)?;
         let out = ctx.output_dir("tokenizer")?.to_path_buf();
-        write_file(&out.join(TOKENIZER_FILE), tokenizer_json(&tokenizer)? + "\n")?;
+        write_file(
+            &out.join(TOKENIZER_FILE),
+            tokenizer_json(&tokenizer)? + "\n",
+        )?;
         write_file(&out.join(TOKENIZER_CONFIG_FILE), tokenizer_config(params)?)?;
         if let Some(template) = &params.template {
             PromptTemplate::plain(template)?.save(&out)?;
         }
-        ctx.metrics.set("vocab_size", tokenizer.get_vocab_size(true));
+        ctx.metrics
+            .set("vocab_size", tokenizer.get_vocab_size(true));
         ctx.metrics
             .set("texts", rows.iter().map(|r| r.texts().len()).sum::<usize>());
         Ok(())
