@@ -131,13 +131,29 @@ pub fn evaluation_table(stage: &str, metrics: &serde_json::Value) -> String {
     for (name, values) in &rows {
         text.push_str(&format!("{name:<width$}"));
         for column in &columns {
-            let cell = values
-                .get(*column)
-                .and_then(|v| v.as_f64())
-                .map_or("-".to_string(), |v| format!("{v:.4}"));
+            // Counts (`n`) are integers in metrics.json and print as such.
+            let cell = match values.get(*column) {
+                Some(v) if v.is_u64() || v.is_i64() => v.to_string(),
+                Some(v) => v.as_f64().map_or("-".to_string(), |f| format!("{f:.4}")),
+                None => "-".to_string(),
+            };
             text.push_str(&format!("  {cell:>12}"));
         }
         text.push('\n');
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::evaluation_table;
+
+    #[test]
+    fn evaluation_table_prints_counts_as_integers_and_scores_with_four_decimals() {
+        let metrics = serde_json::json!({ "sft": { "accuracy": 0.125, "n": 200 } });
+        let table = evaluation_table("eval", &metrics);
+        let row = table.lines().find(|l| l.starts_with("sft")).unwrap();
+        assert!(row.contains("0.1250"), "{table}");
+        assert!(row.trim_end().ends_with(" 200"), "{table}");
+    }
 }
