@@ -3,8 +3,8 @@
 //! from `--prompt` or one per stdin line with `--interactive` (where `\n`, `\t` and `\\`
 //! in a line stand for a newline, a tab and a backslash, so multi-line prompts fit on one).
 
-use super::{load, open_cache, print_error, print_run_error};
-use rlhf_engine::run::{exit, Engine};
+use super::{print_error, print_run_error, Workspace};
+use rlhf_engine::run::exit;
 use rlhf_engine::status::State;
 use rlhf_engine::ArtifactKind;
 use rlhf_stages::kinds::evaluate::models::{load_model, LoadedModel};
@@ -99,18 +99,8 @@ fn load_stage_model(
     cache_dir: &Path,
     stage: &str,
 ) -> Result<LoadedModel, i32> {
-    let registry = rlhf_stages::registry();
-    let pipeline = load(file, overrides, &registry)?;
-    let Some(checked) = pipeline.stage(stage) else {
-        let names = pipeline.stages.iter().map(|s| s.name.as_str());
-        let hint =
-            rlhf_engine::diagnostic::nearest(stage, names).map(|n| format!("did you mean `{n}`?"));
-        print_error(
-            &format!("no stage named `{stage}` in {}", file.display()),
-            hint.as_deref(),
-        );
-        return Err(exit::INVALID);
-    };
+    let workspace = Workspace::open(file, overrides, cache_dir)?;
+    let checked = workspace.stage(stage)?;
     let model_kinds = [
         ArtifactKind::Model,
         ArtifactKind::Adapter,
@@ -127,10 +117,11 @@ fn load_stage_model(
         );
         return Err(exit::INVALID);
     };
-    let cache = open_cache(cache_dir)?;
-    let hub = rlhf_stages::hub_resolver();
-    let engine = Engine::new(&registry, cache.clone(), hub.as_deref());
-    let statuses = engine.status(&pipeline).map_err(|e| print_run_error(&e))?;
+    let cache = &workspace.cache;
+    let statuses = workspace
+        .engine()
+        .status(&workspace.pipeline)
+        .map_err(|e| print_run_error(&e))?;
     let status = statuses.into_iter().find(|s| s.stage == stage);
     let record = status
         .as_ref()

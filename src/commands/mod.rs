@@ -8,9 +8,57 @@ pub mod report;
 pub mod run;
 pub mod status;
 
+use rlhf_engine::check::{CheckedStage, Pipeline};
 use rlhf_engine::diagnostic::PipelineError;
-use rlhf_engine::run::{exit, RunError};
+use rlhf_engine::hub::HubResolver;
+use rlhf_engine::run::{exit, Engine, RunError};
 use std::path::Path;
+
+/// What the commands that look at a pipeline against the cache share: this binary's
+/// stage kinds, the checked pipeline, the cache and hub access.
+pub struct Workspace {
+    pub registry: rlhf_engine::Registry,
+    pub pipeline: Pipeline,
+    pub cache: rlhf_cache::Cache,
+    hub: Option<Box<dyn HubResolver>>,
+}
+
+impl Workspace {
+    /// Loads and checks `file` with `overrides`, and opens the cache; on failure the
+    /// error is printed and the exit code returned.
+    pub fn open(file: &Path, overrides: &[String], cache_dir: &Path) -> Result<Self, i32> {
+        let registry = rlhf_stages::registry();
+        let pipeline = load(file, overrides, &registry)?;
+        let cache = open_cache(cache_dir)?;
+        Ok(Workspace {
+            registry,
+            pipeline,
+            cache,
+            hub: rlhf_stages::hub_resolver(),
+        })
+    }
+
+    pub fn engine(&self) -> Engine<'_> {
+        Engine::new(&self.registry, self.cache.clone(), self.hub.as_deref())
+    }
+
+    /// The stage named `name`; otherwise prints the nearest name and returns exit 2.
+    pub fn stage(&self, name: &str) -> Result<&CheckedStage, i32> {
+        self.pipeline.stage(name).ok_or_else(|| {
+            let names = self.pipeline.stages.iter().map(|s| s.name.as_str());
+            let hint = rlhf_engine::diagnostic::nearest(name, names)
+                .map(|n| format!("did you mean `{n}`?"));
+            print_error(
+                &format!(
+                    "no stage named `{name}` in {}",
+                    self.pipeline.file.display()
+                ),
+                hint.as_deref(),
+            );
+            exit::INVALID
+        })
+    }
+}
 
 /// Prints `error:` / `hint:` lines on stderr.
 pub fn print_error(message: &str, hint: Option<&str>) {

@@ -1,25 +1,19 @@
 //! `rlhf report`: gathers every stage's metrics from the cache and writes the static
 //! HTML page of [`rlhf_stages::report`] (default `<pipeline dir>/<name>-report/index.html`).
 
-use super::{load, open_cache, print_error, print_run_error};
-use rlhf_engine::run::{exit, Engine};
+use super::{print_error, print_run_error, Workspace};
+use rlhf_engine::run::exit;
 use rlhf_engine::status::State;
 use rlhf_stages::report::{read_metrics_jsonl, render, StageSection};
 use std::path::{Path, PathBuf};
 
 pub fn report(file: &Path, overrides: &[String], cache_dir: &Path, output: Option<&Path>) -> i32 {
-    let registry = rlhf_stages::registry();
-    let pipeline = match load(file, overrides, &registry) {
-        Ok(p) => p,
+    let workspace = match Workspace::open(file, overrides, cache_dir) {
+        Ok(w) => w,
         Err(code) => return code,
     };
-    let cache = match open_cache(cache_dir) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let hub = rlhf_stages::hub_resolver();
-    let engine = Engine::new(&registry, cache.clone(), hub.as_deref());
-    let statuses = match engine.status(&pipeline) {
+    let (pipeline, cache) = (&workspace.pipeline, &workspace.cache);
+    let statuses = match workspace.engine().status(pipeline) {
         Ok(s) => s,
         Err(e) => return print_run_error(&e),
     };

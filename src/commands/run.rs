@@ -1,8 +1,8 @@
 //! `rlhf run`: run what is not cached, print one line (or JSON object) per stage, then
 //! the failures with their hints.
 
-use super::{load, open_cache, print_error, print_json, print_run_error};
-use rlhf_engine::run::{Engine, Outcome, RunOptions};
+use super::{print_error, print_json, print_run_error, Workspace};
+use rlhf_engine::run::{Outcome, RunOptions};
 use std::path::Path;
 
 pub fn run(
@@ -16,18 +16,11 @@ pub fn run(
         // candle's matmul and rayon read this once, at first use.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    let registry = rlhf_stages::registry();
-    let pipeline = match load(file, overrides, &registry) {
-        Ok(p) => p,
+    let workspace = match Workspace::open(file, overrides, cache_dir) {
+        Ok(w) => w,
         Err(code) => return code,
     };
-    let cache = match open_cache(cache_dir) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let hub = rlhf_stages::hub_resolver();
-    let engine = Engine::new(&registry, cache, hub.as_deref());
-    let report = match engine.run(&pipeline, options) {
+    let report = match workspace.engine().run(&workspace.pipeline, options) {
         Ok(r) => r,
         Err(e) => return print_run_error(&e),
     };

@@ -1,23 +1,16 @@
 //! `rlhf status` and `rlhf show`: what a run would do, and what a cached stage holds.
 
-use super::{load, open_cache, print_error, print_json, print_run_error};
-use rlhf_engine::run::{exit, Engine};
+use super::{print_error, print_json, print_run_error, Workspace};
+use rlhf_engine::run::exit;
 use rlhf_engine::status::State;
 use std::path::Path;
 
 pub fn status(file: &Path, overrides: &[String], cache_dir: &Path, json: bool) -> i32 {
-    let registry = rlhf_stages::registry();
-    let pipeline = match load(file, overrides, &registry) {
-        Ok(p) => p,
+    let workspace = match Workspace::open(file, overrides, cache_dir) {
+        Ok(w) => w,
         Err(code) => return code,
     };
-    let cache = match open_cache(cache_dir) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let hub = rlhf_stages::hub_resolver();
-    let engine = Engine::new(&registry, cache, hub.as_deref());
-    let statuses = match engine.status(&pipeline) {
+    let statuses = match workspace.engine().status(&workspace.pipeline) {
         Ok(s) => s,
         Err(e) => return print_run_error(&e),
     };
@@ -42,28 +35,15 @@ pub fn status(file: &Path, overrides: &[String], cache_dir: &Path, json: bool) -
 }
 
 pub fn show(file: &Path, overrides: &[String], cache_dir: &Path, stage: &str, json: bool) -> i32 {
-    let registry = rlhf_stages::registry();
-    let pipeline = match load(file, overrides, &registry) {
-        Ok(p) => p,
+    let workspace = match Workspace::open(file, overrides, cache_dir) {
+        Ok(w) => w,
         Err(code) => return code,
     };
-    if pipeline.stage(stage).is_none() {
-        let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
-        let hint = rlhf_engine::diagnostic::nearest(stage, names.iter().copied())
-            .map(|n| format!("did you mean `{n}`?"));
-        print_error(
-            &format!("no stage named `{stage}` in {}", file.display()),
-            hint.as_deref(),
-        );
-        return exit::INVALID;
+    if let Err(code) = workspace.stage(stage) {
+        return code;
     }
-    let cache = match open_cache(cache_dir) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let hub = rlhf_stages::hub_resolver();
-    let engine = Engine::new(&registry, cache.clone(), hub.as_deref());
-    let statuses = match engine.status(&pipeline) {
+    let cache = &workspace.cache;
+    let statuses = match workspace.engine().status(&workspace.pipeline) {
         Ok(s) => s,
         Err(e) => return print_run_error(&e),
     };
