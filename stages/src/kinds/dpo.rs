@@ -26,7 +26,7 @@ use crate::data::batch::{collate_pairs, EncodedPair};
 use crate::kinds::reference_logprobs::{read_reference, reference_info};
 use crate::kinds::sft::{default_eval_max_new_tokens, default_lora};
 use crate::model::LoraConfig;
-use crate::train::evaluation::exact_match_accuracy;
+use crate::train::evaluation::accuracy_metrics;
 use crate::train::model_input::{resolve_model_input, write_trained_model, TextCodec};
 use crate::train::pairs::{encode_pairs, pair_length, reply_logprobs, reply_token_counts};
 use crate::train::settings::{
@@ -275,15 +275,8 @@ impl Stage for DpoStage {
             })
         };
         let max_new_tokens = params.eval_max_new_tokens;
-        let mut evaluate = |_step: usize| -> Result<Vec<(&'static str, f64)>, StageError> {
-            if eval_rows.is_empty() {
-                return Ok(Vec::new());
-            }
-            Ok(vec![(
-                "accuracy",
-                exact_match_accuracy(&model, &codec, &eval_rows, max_new_tokens)?,
-            )])
-        };
+        let mut evaluate =
+            |_step: usize| accuracy_metrics(&model, &codec, &eval_rows, max_new_tokens);
         let settings = params.settings(ctx.seed);
         let summary = run_training(
             ctx,

@@ -19,16 +19,17 @@
 //! Output: a `model` folder (config.json, model.safetensors, tokenizer files,
 //! template.json). metrics.json: `eval_accuracy_start`, `eval_accuracy`, `train_loss`, `steps`.
 
-use crate::algo::lm::masked_token_cross_entropy;
 use crate::data::batch::collate_texts;
 use crate::model::save_model_folder;
-use crate::train::evaluation::exact_match_accuracy;
+use crate::train::evaluation::accuracy_metrics;
 use crate::train::model_input::{resolve_model_input, TextCodec};
 use crate::train::settings::{
     default_checkpoint_every, default_max_length, default_true, OptimizerParams, TrainSettings,
 };
 use crate::train::training_loop::{run_training, MicroBatchOutput};
-use crate::train::{log_throughput, read_dataset, set_summary_metrics, StageResultExt};
+use crate::train::{
+    log_throughput, next_token_loss, read_dataset, set_summary_metrics, StageResultExt,
+};
 use candle_core::Device;
 use candle_nn::VarMap;
 use rlhf_engine::{
@@ -156,16 +157,7 @@ impl Stage for PretrainStage {
             let device = Device::Cpu;
             let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (b, t)
             let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (b, t)
-            let logits = model
-                .forward_train(&ids, Some(&attention), None, rng)
-                .or_fail("forward pass")?; // (b, t, v)
-            let time = batch.seq_len;
-            let loss = masked_token_cross_entropy(
-                &logits.narrow(1, 0, time - 1).or_fail("shift")?,
-                &ids.narrow(1, 1, time - 1).or_fail("shift")?,
-                &attention.narrow(1, 1, time - 1).or_fail("shift")?,
-            )
-            .or_fail("LM loss")?;
+            let loss = next_token_loss(&model, &ids, &attention, &attention, rng)?;
             Ok(MicroBatchOutput {
                 loss,
                 tokens: batch.real_tokens(),
@@ -174,15 +166,8 @@ impl Stage for PretrainStage {
             })
         };
         let max_new_tokens = params.eval_max_new_tokens;
-        let mut evaluate = |_step: usize| -> Result<Vec<(&'static str, f64)>, StageError> {
-            if eval_rows.is_empty() {
-                return Ok(Vec::new());
-            }
-            Ok(vec![(
-                "accuracy",
-                exact_match_accuracy(&model, &codec, &eval_rows, max_new_tokens)?,
-            )])
-        };
+        let mut evaluate =
+            |_step: usize| accuracy_metrics(&model, &codec, &eval_rows, max_new_tokens);
         let settings = params.settings(ctx.seed);
         let summary = run_training(
             ctx,

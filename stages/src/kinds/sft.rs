@@ -19,16 +19,17 @@
 //! files, template.json), or a `model` folder with `lora: null`. metrics.json holds
 //! `eval_accuracy_start`, `eval_accuracy`, `train_loss`, `steps`, `trainable_parameters`.
 
-use crate::algo::lm::masked_token_cross_entropy;
 use crate::data::batch::{collate_examples, EncodedExample};
 use crate::model::{LoraConfig, LoraTargets};
-use crate::train::evaluation::exact_match_accuracy;
+use crate::train::evaluation::accuracy_metrics;
 use crate::train::model_input::{resolve_model_input, write_trained_model, TextCodec};
 use crate::train::settings::{
     default_checkpoint_every, default_max_length, default_true, OptimizerParams, TrainSettings,
 };
 use crate::train::training_loop::{run_training, MicroBatchOutput};
-use crate::train::{log_throughput, read_dataset, set_summary_metrics, StageResultExt};
+use crate::train::{
+    log_throughput, next_token_loss, read_dataset, set_summary_metrics, StageResultExt,
+};
 use candle_core::Device;
 use candle_nn::VarMap;
 use rlhf_engine::{
@@ -194,16 +195,7 @@ impl Stage for SftStage {
             } else {
                 attention.clone()
             };
-            let logits = model
-                .forward_train(&ids, Some(&attention), None, rng)
-                .or_fail("forward pass")?; // (b, t, v)
-            let time = batch.seq_len;
-            let loss = masked_token_cross_entropy(
-                &logits.narrow(1, 0, time - 1).or_fail("shift")?,
-                &ids.narrow(1, 1, time - 1).or_fail("shift")?,
-                &loss_mask.narrow(1, 1, time - 1).or_fail("shift")?,
-            )
-            .or_fail("SFT loss")?;
+            let loss = next_token_loss(&model, &ids, &attention, &loss_mask, rng)?;
             Ok(MicroBatchOutput {
                 loss,
                 tokens: batch.real_tokens(),
@@ -212,15 +204,8 @@ impl Stage for SftStage {
             })
         };
         let max_new_tokens = params.eval_max_new_tokens;
-        let mut evaluate = |_step: usize| -> Result<Vec<(&'static str, f64)>, StageError> {
-            if eval_rows.is_empty() {
-                return Ok(Vec::new());
-            }
-            Ok(vec![(
-                "accuracy",
-                exact_match_accuracy(&model, &codec, &eval_rows, max_new_tokens)?,
-            )])
-        };
+        let mut evaluate =
+            |_step: usize| accuracy_metrics(&model, &codec, &eval_rows, max_new_tokens);
         let settings = params.settings(ctx.seed);
         let summary = run_training(
             ctx,

@@ -12,6 +12,21 @@ use rlhf_engine::StageError;
 /// Prompts per generation batch.
 const GENERATION_BATCH: usize = 100;
 
+/// The training loop's `evaluate` callback for every training kind: held-out exact-match
+/// `accuracy`, or no metric at all when there is no held-out set.
+pub fn accuracy_metrics(
+    model: &CausalLm,
+    codec: &TextCodec,
+    rows: &[Row],
+    max_new_tokens: usize,
+) -> Result<Vec<(&'static str, f64)>, StageError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let accuracy = exact_match_accuracy(model, codec, rows, max_new_tokens)?;
+    Ok(vec![("accuracy", accuracy)])
+}
+
 /// Fraction of `rows` (prompt + completion, or prompt + answer) whose greedy answer is
 /// exactly right.
 pub fn exact_match_accuracy(
