@@ -1,9 +1,8 @@
 //! The training-first causal LM (Llama, Qwen2): `forward` returns logits at every
-//! position of a right-padded batch and keeps no state between calls; a separate
-//! cached path (used only by generation) carries an explicit per-layer KV cache.
+//! position of a right-padded batch and keeps no state between calls; generation runs
+//! a separate cached decoder over a snapshot of these weights (`kv_cache`).
 
-use super::kv_cache::LayerCache;
-use super::layers::{Attend, DecoderLayer, DropoutRng, RmsNorm};
+use super::layers::{DecoderLayer, DropoutRng, RmsNorm};
 use super::lora::LoraConfig;
 use super::rope::Rope;
 use super::weights::{load_safetensors, WeightSource};
@@ -193,7 +192,12 @@ impl CausalLm {
             }
         };
         let mask = attention_bias(attention_mask, batch, time, 0, self.dtype(), self.device())?;
-        self.run_layers(input_ids, position_ids, Some(&mask), None, rng)
+        self.run_layers(input_ids, position_ids, &mask, rng)
+    }
+
+    /// The RoPE inverse frequencies (head_dim / 2,), for the generation decoder.
+    pub(crate) fn rope_inv_freq(&self) -> Result<Vec<f32>> {
+        self.rope.inv_freq()
     }
 
     /// Logits (…, vocab) in f32 from hidden states (…, hidden).
@@ -208,15 +212,13 @@ impl CausalLm {
         Ok(logits.reshape(out_dims)?.to_dtype(DType::F32)?)
     }
 
-    /// Embeds, runs every layer and applies the final norm. Without `cached`, `mask` is
-    /// the additive (b or 1, 1, t, t) mask; with it, attention reads and extends the
-    /// generation cache of each layer under the per-row key mask (`mask` is unused).
-    pub(crate) fn run_layers(
+    /// Embeds, runs every layer under the additive (b or 1, 1, t, t) `mask` and applies
+    /// the final norm. (Generation has its own cached decoder, `kv_cache`.)
+    fn run_layers(
         &self,
         input_ids: &Tensor,
         position_ids: &Tensor,
-        mask: Option<&Tensor>,
-        mut cached: Option<(&mut [LayerCache], &[Vec<f32>])>,
+        mask: &Tensor,
         rng: DropoutRng,
     ) -> Result<Tensor> {
         let (batch, time) = input_ids.dims2()?;
@@ -227,20 +229,8 @@ impl CausalLm {
             self.config.hidden_size,
         ))?; // (b, t, d)
         let rope = self.rope.tables(position_ids, self.dtype())?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let attend = match (&mut cached, mask) {
-                (Some((caches, key_mask)), _) => Attend::Cached {
-                    cache: &mut caches[i],
-                    key_mask,
-                },
-                (None, Some(mask)) => Attend::Bias(mask),
-                (None, None) => {
-                    return Err(ModelError::Invalid(
-                        "run_layers needs a mask or a cache".into(),
-                    ))
-                }
-            };
-            x = layer.forward(&x, &rope, attend, rng)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, mask, rng)?;
         }
         self.norm.forward(&x)
     }

@@ -7,10 +7,10 @@
 //! Sampling: greedy, or temperature with top-k / top-p, seeded with ChaCha8.
 
 use super::causal_lm::CausalLm;
-use super::kv_cache::LayerCache;
+use super::kv_cache::{InferenceModel, KvCache};
 use super::tokenizer::ModelTokenizer;
 use super::{ModelError, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -114,14 +114,21 @@ pub fn generate(
     if rows == 0 || settings.max_new_tokens == 0 {
         return Ok(output);
     }
+    let decoder = InferenceModel::new(model)?;
+    let vocab = model.config.vocab_size;
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    let mut state = DecodeState::prefill(model, prompts, settings.pad_token_id)?;
+    let mut state = DecodeState::prefill(&decoder, prompts, settings)?;
+    let mut sampler = Sampler::new(vocab);
     for step in 0..settings.max_new_tokens {
-        let logits: Vec<Vec<f32>> = state.logits.to_dtype(DType::F32)?.to_vec2()?;
         let mut finished = Vec::new();
         let mut next = Vec::with_capacity(state.active.len());
-        for (slot, &row) in state.active.iter().enumerate() {
-            let (token, logprob) = pick_token(&logits[slot], settings, &mut rng);
+        for (slot, (&row, logits)) in state
+            .active
+            .iter()
+            .zip(state.logits.chunks_exact(vocab))
+            .enumerate()
+        {
+            let (token, logprob) = sampler.pick(logits, settings, &mut rng);
             output.tokens[row].push(token);
             output.logprobs[row].push(logprob);
             next.push(token);
@@ -144,141 +151,212 @@ pub fn generate(
         if step + 1 == settings.max_new_tokens || finished.len() == state.active.len() {
             break;
         }
-        state.drop_slots(&finished, &mut next)?;
-        state.step(model, &next)?;
+        state.drop_slots(&finished, &mut next);
+        state.step(&decoder, &next)?;
     }
     Ok(output)
 }
 
-/// The batch being decoded: which prompt rows are still active, their cache and masks.
+/// The batch being decoded: which prompt rows are still active, their cache and logits.
 struct DecodeState {
     /// Prompt index of each batch slot.
     active: Vec<usize>,
     /// Real tokens so far per slot (the next position id).
     lengths: Vec<u32>,
-    /// (slots, keys) 1 on real keys, the internal left padding 0.
-    key_mask: Vec<Vec<f32>>,
-    caches: Vec<LayerCache>,
-    /// (slots, vocab) logits for the next token.
-    logits: Tensor,
+    cache: KvCache,
+    /// (slots, vocab) logits for the next token, row-major.
+    logits: Vec<f32>,
 }
 
 impl DecodeState {
-    fn prefill(model: &CausalLm, prompts: &[Vec<u32>], pad: u32) -> Result<Self> {
-        let device = model.device();
+    /// Runs the left-padded prompts through the model: pads sit at position 0 and are
+    /// never attended to, so every row computes what it would alone.
+    fn prefill(
+        decoder: &InferenceModel,
+        prompts: &[Vec<u32>],
+        settings: &GenerationSettings,
+    ) -> Result<Self> {
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let (mut ids, mut positions, mut key_mask) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ids, mut positions, mut padding) = (Vec::new(), Vec::new(), Vec::new());
         for prompt in prompts {
-            let padding = width - prompt.len();
-            ids.extend(std::iter::repeat_n(pad, padding).chain(prompt.iter().copied()));
-            positions.extend(std::iter::repeat_n(0u32, padding).chain(0..prompt.len() as u32));
-            key_mask.push([vec![0.0f32; padding], vec![1.0; prompt.len()]].concat());
+            let pad = width - prompt.len();
+            ids.extend(
+                std::iter::repeat_n(settings.pad_token_id, pad).chain(prompt.iter().copied()),
+            );
+            positions.extend(std::iter::repeat_n(0u32, pad).chain(0..prompt.len() as u32));
+            padding.push(pad);
         }
-        let rows = prompts.len();
-        let ids = Tensor::from_vec(ids, (rows, width), device)?;
-        let positions = Tensor::from_vec(positions, (rows, width), device)?;
-        let mut caches = vec![LayerCache::default(); model.layers.len()];
-        let hidden = model.run_layers(
-            &ids,
-            &positions,
-            None,
-            Some((&mut caches, &key_mask)),
-            &mut None,
-        )?; // (b, t, d)
-        let logits = model.logits(&hidden.narrow(1, width - 1, 1)?.squeeze(1)?)?; // (b, vocab)
+        // The last sampled token is never fed back, hence the - 1.
+        let mut cache = decoder.new_cache(padding, width + settings.max_new_tokens - 1);
+        let logits = decoder.forward(&ids, &positions, &mut cache)?;
         Ok(DecodeState {
-            active: (0..rows).collect(),
+            active: (0..prompts.len()).collect(),
             lengths: prompts.iter().map(|p| p.len() as u32).collect(),
-            key_mask,
-            caches,
+            cache,
             logits,
         })
     }
 
-    /// Removes finished slots from the batch, the cache and `next`.
-    fn drop_slots(&mut self, finished: &[usize], next: &mut Vec<u32>) -> Result<()> {
+    /// Removes finished slots from the batch, the cache and `next`: they cost nothing
+    /// from the next step on.
+    fn drop_slots(&mut self, finished: &[usize], next: &mut Vec<u32>) {
         if finished.is_empty() {
-            return Ok(());
+            return;
         }
         let keep: Vec<usize> = (0..self.active.len())
             .filter(|s| !finished.contains(s))
             .collect();
-        for cache in self.caches.iter_mut() {
-            cache.select_rows(&keep);
-        }
+        self.cache.keep_rows(&keep);
         self.active = keep.iter().map(|&s| self.active[s]).collect();
         self.lengths = keep.iter().map(|&s| self.lengths[s]).collect();
-        self.key_mask = keep.iter().map(|&s| self.key_mask[s].clone()).collect();
         *next = keep.iter().map(|&s| next[s]).collect();
-        Ok(())
     }
 
     /// Feeds one token per slot and computes the next logits.
-    fn step(&mut self, model: &CausalLm, next: &[u32]) -> Result<()> {
-        let device = model.device();
-        let slots = next.len();
-        for row in self.key_mask.iter_mut() {
-            row.push(1.0);
-        }
-        let ids = Tensor::from_vec(next.to_vec(), (slots, 1), device)?;
-        let positions = Tensor::from_vec(self.lengths.clone(), (slots, 1), device)?;
+    fn step(&mut self, decoder: &InferenceModel, next: &[u32]) -> Result<()> {
+        self.logits = decoder.forward(next, &self.lengths, &mut self.cache)?;
         self.lengths.iter_mut().for_each(|l| *l += 1);
-        let hidden = model.run_layers(
-            &ids,
-            &positions,
-            None,
-            Some((&mut self.caches, &self.key_mask)),
-            &mut None,
-        )?; // (b, 1, d)
-        self.logits = model.logits(&hidden.squeeze(1)?)?; // (b, vocab)
         Ok(())
     }
 }
 
-/// log-softmax in f64 for accuracy.
-fn log_softmax(values: &[f64]) -> Vec<f64> {
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let log_sum = values.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
-    values.iter().map(|v| v - log_sum).collect()
+/// Picks tokens from logits rows, reusing its buffers from row to row.
+struct Sampler {
+    /// Temperature-scaled logits, then log-probs, in f64 for accuracy.
+    logprobs: Vec<f64>,
+    probs: Vec<f64>,
+    /// Sort keys of [`descending_key`], then the token ids in that order.
+    keys: Vec<u64>,
+    order: Vec<usize>,
 }
 
-/// Picks the next token of one row; returns it with its log-prob.
-fn pick_token(logits: &[f32], settings: &GenerationSettings, rng: &mut ChaCha8Rng) -> (u32, f32) {
-    let greedy = settings.temperature <= 0.0;
-    let temperature = if greedy { 1.0 } else { settings.temperature };
-    let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / temperature).collect();
-    let logprobs = log_softmax(&scaled);
-    if greedy {
-        // The first maximum, as torch.argmax picks it.
-        let best =
-            (0..logits.len()).fold(0, |best, i| if logits[i] > logits[best] { i } else { best });
-        return (best as u32, logprobs[best] as f32);
+impl Sampler {
+    fn new(vocab: usize) -> Self {
+        Sampler {
+            logprobs: Vec::with_capacity(vocab),
+            probs: Vec::with_capacity(vocab),
+            keys: Vec::with_capacity(vocab),
+            order: Vec::with_capacity(vocab),
+        }
     }
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]));
-    let mut keep = order.len();
-    if let Some(k) = settings.top_k.filter(|&k| k > 0) {
-        keep = keep.min(k);
-    }
-    if let Some(p) = settings.top_p.filter(|&p| p < 1.0) {
-        let mut cumulative = 0.0;
-        for (rank, &token) in order.iter().enumerate().take(keep) {
-            cumulative += logprobs[token].exp();
-            if cumulative >= p {
-                keep = rank + 1;
-                break;
+
+    /// Picks the next token of one row; returns it with its log-prob.
+    fn pick(
+        &mut self,
+        logits: &[f32],
+        settings: &GenerationSettings,
+        rng: &mut ChaCha8Rng,
+    ) -> (u32, f32) {
+        let greedy = settings.temperature <= 0.0;
+        let temperature = if greedy { 1.0 } else { settings.temperature };
+        self.logprobs.clear();
+        self.logprobs
+            .extend(logits.iter().map(|&l| l as f64 / temperature));
+        log_softmax_in_place(&mut self.logprobs);
+        let logprobs = &self.logprobs;
+        if greedy {
+            // The first maximum, as torch.argmax picks it.
+            let best = (0..logits.len())
+                .fold(0, |best, i| if logits[i] > logits[best] { i } else { best });
+            return (best as u32, logprobs[best] as f32);
+        }
+        self.probs.clear();
+        self.probs.extend(logprobs.iter().map(|lp| lp.exp()));
+        let probs = &self.probs;
+        // The order of the scaled logits (dividing f32 values by a positive temperature
+        // in f64 neither merges nor swaps them), ties by id as a stable sort leaves
+        // them; sorting plain integer keys is several times faster than comparing
+        // through an index.
+        self.keys.clear();
+        self.keys.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(id, &l)| descending_key(l, id)),
+        );
+        self.keys.sort_unstable();
+        self.order.clear();
+        self.order
+            .extend(self.keys.iter().map(|&key| (key & 0xffff_ffff) as usize));
+        let order = &self.order;
+        let mut keep = order.len();
+        if let Some(k) = settings.top_k.filter(|&k| k > 0) {
+            keep = keep.min(k);
+        }
+        if let Some(p) = settings.top_p.filter(|&p| p < 1.0) {
+            let mut cumulative = 0.0;
+            for (rank, &token) in order.iter().enumerate().take(keep) {
+                cumulative += probs[token];
+                if cumulative >= p {
+                    keep = rank + 1;
+                    break;
+                }
             }
         }
-    }
-    let kept = &order[..keep.max(1)];
-    let total: f64 = kept.iter().map(|&t| logprobs[t].exp()).sum();
-    let mut draw = rng.random::<f64>() * total;
-    for &token in kept {
-        draw -= logprobs[token].exp();
-        if draw <= 0.0 {
-            return (token as u32, logprobs[token] as f32);
+        let kept = &order[..keep.max(1)];
+        let total: f64 = kept.iter().map(|&t| probs[t]).sum();
+        let mut draw = rng.random::<f64>() * total;
+        for &token in kept {
+            draw -= probs[token];
+            if draw <= 0.0 {
+                return (token as u32, logprobs[token] as f32);
+            }
         }
+        let last = kept[kept.len() - 1];
+        (last as u32, logprobs[last] as f32)
     }
-    let last = kept[kept.len() - 1];
-    (last as u32, logprobs[last] as f32)
+}
+
+/// log-softmax in place.
+fn log_softmax_in_place(values: &mut [f64]) {
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let log_sum = values.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+    values.iter_mut().for_each(|v| *v -= log_sum);
+}
+
+/// A key whose ascending order is descending `logit` (in `f32::total_cmp`'s order),
+/// then ascending `id`.
+fn descending_key(logit: f32, id: usize) -> u64 {
+    let bits = logit.to_bits();
+    // total_cmp's order as unsigned integers: negatives have every bit flipped, the
+    // rest only the sign bit.
+    let ascending = if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    (u64::from(!ascending) << 32) | id as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descending_keys_sort_as_a_stable_sort_by_descending_logit() {
+        let logits = [
+            0.5f32,
+            -1.0,
+            f32::NEG_INFINITY,
+            0.5,
+            -0.0,
+            0.0,
+            3.0,
+            -1.0,
+            f32::INFINITY,
+            1e-30,
+            -1e-30,
+        ];
+        let mut stable: Vec<usize> = (0..logits.len()).collect();
+        stable.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let mut keys: Vec<u64> = logits
+            .iter()
+            .enumerate()
+            .map(|(id, &l)| descending_key(l, id))
+            .collect();
+        keys.sort_unstable();
+        let by_key: Vec<usize> = keys.iter().map(|&k| (k & 0xffff_ffff) as usize).collect();
+        assert_eq!(by_key, stable);
+        assert_eq!(by_key[..3], [8, 6, 0]);
+    }
 }

@@ -1,8 +1,7 @@
 //! The building blocks of a Llama-family decoder, as plain structs of tensors: linear
-//! projections (optionally carrying a LoRA adapter), RMSNorm, grouped-query attention
-//! with an optional KV cache, the SiLU-gated MLP and the decoder layer.
+//! projections (optionally carrying a LoRA adapter), RMSNorm, grouped-query attention,
+//! the SiLU-gated MLP and the decoder layer. (Generation's cached decoder: `kv_cache`.)
 
-use super::kv_cache::LayerCache;
 use super::lora::LoraAdapter;
 use super::rope::{apply_rope, RopeTables};
 use super::weights::WeightSource;
@@ -90,17 +89,6 @@ impl RmsNorm {
     }
 }
 
-/// How attention sees the keys: an additive mask over this call's own keys (training,
-/// scoring), or the generation cache with a per-row key mask.
-pub enum Attend<'a> {
-    /// (b or 1, 1, t, t), added to the scores.
-    Bias(&'a Tensor),
-    Cached {
-        cache: &'a mut LayerCache,
-        key_mask: &'a [Vec<f32>],
-    },
-}
-
 #[derive(Clone, Debug)]
 pub struct Attention {
     pub q_proj: Linear,
@@ -156,12 +144,12 @@ impl Attention {
         })
     }
 
-    /// x (b, t, hidden) → (b, t, hidden).
+    /// x (b, t, hidden) → (b, t, hidden); `mask` (b or 1, 1, t, t) is added to the scores.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        attend: Attend,
+        mask: &Tensor,
         rng: DropoutRng,
     ) -> Result<Tensor> {
         let (batch, time, _) = x.dims3()?;
@@ -174,16 +162,6 @@ impl Attention {
         let q = apply_rope(&split(self.q_proj.forward(x, rng)?, heads)?, rope)?; // (b, h, t, d)
         let k = apply_rope(&split(self.k_proj.forward(x, rng)?, kv_heads)?, rope)?; // (b, kvh, t, d)
         let v = split(self.v_proj.forward(x, rng)?, kv_heads)?; // (b, kvh, t, d)
-        let mask = match attend {
-            Attend::Bias(mask) => mask,
-            Attend::Cached { cache, key_mask } => {
-                cache.append(&k, &v)?;
-                let context = cache
-                    .attend(&q, key_mask, x.device())?
-                    .to_dtype(x.dtype())?; // (b, t, h*d)
-                return self.o_proj.forward(&context, rng);
-            }
-        };
         let keys_len = k.dim(2)?;
         // Grouped-query attention without copying k/v: query head h uses kv head
         // h / n_rep, so the n_rep query heads of one kv head are stacked along time.
@@ -266,12 +244,12 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        attend: Attend,
+        mask: &Tensor,
         rng: DropoutRng,
     ) -> Result<Tensor> {
         let attended =
             self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, rope, attend, rng)?;
+                .forward(&self.input_layernorm.forward(x)?, rope, mask, rng)?;
         let x = (x + attended)?;
         let mixed = self
             .mlp

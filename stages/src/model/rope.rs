@@ -67,6 +67,11 @@ impl Rope {
         })
     }
 
+    /// The inverse frequencies (head_dim / 2,) in f32.
+    pub fn inv_freq(&self) -> Result<Vec<f32>> {
+        Ok(self.inv_freq.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
     /// Tables for `position_ids (b, t)` (u32), in `dtype`.
     pub fn tables(&self, position_ids: &Tensor, dtype: DType) -> Result<RopeTables> {
         let (batch, time) = position_ids.dims2()?;
