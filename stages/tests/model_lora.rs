@@ -10,8 +10,8 @@ use candle_nn::VarMap;
 use common::*;
 use rand::SeedableRng;
 use rlhf_stages::model::{
-    completion_logprobs, CausalLm, LoraConfig, LoraTargets, ScalarHead, ScalarHeadKind, TokenBatch,
-    Trainability,
+    completion_logprobs, CausalLm, LoraConfig, LoraTargets, RewardHead, ScalarHead, ScalarHeadKind,
+    TokenBatch, Trainability,
 };
 
 fn lora_config(targets: LoraTargets) -> LoraConfig {
@@ -293,5 +293,92 @@ fn unknown_lora_target_is_an_error_naming_it() {
     assert!(
         error.contains("`qproj`") && error.contains("q_proj"),
         "{error}"
+    );
+}
+
+/// Mean log-prob of `row[prompt..]` under `model`, the row scored alone.
+fn mean_reply_logprob(model: &CausalLm, row: &[u32], prompt: usize) -> f32 {
+    let ids = Tensor::new(row, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap(); // (1, t)
+    let attention = Tensor::ones_like(&ids).unwrap();
+    let completion: Vec<u32> = (0..row.len()).map(|i| u32::from(i >= prompt)).collect();
+    let batch = TokenBatch {
+        input_ids: ids,
+        attention_mask: attention,
+        completion_mask: Tensor::new(completion, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+    };
+    let scored = completion_logprobs(model, &batch).unwrap();
+    let total: f32 = scored
+        .sequence_logprobs()
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    total / (row.len() - prompt) as f32
+}
+
+#[test]
+fn reward_head_with_the_logprob_feature_starts_as_the_mean_reply_logprob() {
+    let model = tiny_model(8);
+    let varmap = VarMap::new();
+    let head = RewardHead::new(32, true, &varmap, 3, &Device::Cpu).unwrap();
+    let rows = sample_rows();
+    let (ids, mask) = padded_batch(&rows);
+    // The reply is each row's last two tokens.
+    let width = ids.dim(1).unwrap();
+    let reply: Vec<u32> = rows
+        .iter()
+        .flat_map(|row| (0..width).map(move |i| u32::from(i + 2 >= row.len() && i < row.len())))
+        .collect();
+    let reply = Tensor::from_vec(reply, ids.dims(), &Device::Cpu).unwrap();
+    let hidden = model.hidden_states(&ids, Some(&mask), None).unwrap();
+    let rewards = head.rewards(&model, &ids, &hidden, &mask, &reply).unwrap(); // (b,)
+    let values: Vec<f32> = rewards.to_vec1().unwrap();
+    for (row, tokens) in rows.iter().enumerate() {
+        let expected = mean_reply_logprob(&model, tokens, tokens.len() - 2);
+        assert!(
+            (values[row] - expected).abs() < 1e-5,
+            "row {row}: {} vs {expected}",
+            values[row]
+        );
+    }
+    // Both parts learn: the hidden-state head and the feature's weight.
+    assert_every_var_has_nonzero_gradient(&varmap, &rewards.sum_all().unwrap());
+    // Saved and reloaded, it scores the same.
+    let tensors = head.checkpoint_tensors().into_iter().collect();
+    let reloaded = RewardHead::from_checkpoint(&tensors).unwrap();
+    let again = reloaded
+        .rewards(&model, &ids, &hidden, &mask, &reply)
+        .unwrap();
+    assert!(max_abs_diff(&rewards, &again) < 1e-7);
+}
+
+#[test]
+fn reward_head_without_the_logprob_feature_is_the_plain_last_token_head() {
+    let model = tiny_model(9);
+    let varmap = VarMap::new();
+    let head = RewardHead::new(32, false, &varmap, 3, &Device::Cpu).unwrap();
+    assert!(head.logprob_weight.is_none());
+    assert_eq!(head.checkpoint_tensors().len(), 1, "score.weight only");
+    let (ids, mask) = padded_batch(&sample_rows());
+    let hidden = model.hidden_states(&ids, Some(&mask), None).unwrap();
+    let full = head.rewards(&model, &ids, &hidden, &mask, &mask).unwrap();
+    let plain = head.score.rewards(&hidden, &mask).unwrap();
+    assert!(max_abs_diff(&full, &plain) < 1e-7);
+    assert!(
+        plain
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
     );
 }

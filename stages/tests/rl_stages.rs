@@ -507,8 +507,8 @@ fn collect_preferences_with_a_reward_model_judge_pairs_every_prompt_by_its_score
     let first = &pairs[0];
     let prompt = first["prompt"].as_str().unwrap();
     let chosen = first["chosen"].as_str().unwrap();
-    let sequence = [ids(prompt), ids(chosen)].concat();
-    let rescored = scorer.score(&[sequence]).unwrap()[0];
+    let (prompt_ids, chosen_ids) = (ids(prompt), ids(chosen));
+    let rescored = scorer.score(&[(&prompt_ids, &chosen_ids)]).unwrap()[0];
     let recorded = first["chosen_score"].as_f64().unwrap();
     for pair in &pairs {
         assert!(pair["chosen_score"].as_f64().unwrap() > pair["rejected_score"].as_f64().unwrap());

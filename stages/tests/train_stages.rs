@@ -335,6 +335,8 @@ fn reward_model_folder_loads_as_sequence_classification_with_a_score_head() {
     let tensors =
         candle_core::safetensors::load(ran.output.join("model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(tensors["score.weight"].dims(), &[1, 32]);
+    // The default log-prob feature saves its learned weight beside the head.
+    assert_eq!(tensors["score.logprob_weight"].dims(), &[1]);
     for key in [
         "eval_accuracy",
         "eval_margin",

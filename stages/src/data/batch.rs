@@ -225,7 +225,7 @@ pub struct Batch {
 
 impl Batch {
     /// Pads `(prompt, target)` sequences; the loss covers the target tokens.
-    fn from_parts(parts: &[(&[u32], &[u32])], pad: u32) -> Batch {
+    pub fn from_parts(parts: &[(&[u32], &[u32])], pad: u32) -> Batch {
         let batch_size = parts.len();
         let seq_len = parts
             .iter()

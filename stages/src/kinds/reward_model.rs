@@ -9,23 +9,29 @@
 //!   data: prefs                  # prompt / chosen / rejected (+ margin)
 //!   eval: eval_prefs             # optional: held-out pair accuracy, margin, loss
 //!   lora: null                   # or { r: 8, alpha: 16, targets: all-linear }
+//!   logprob_feature: true        # add w · mean log p(reply) to the head's score
 //!   learning_rate: 1.0e-4
 //!   batch_size: 16
 //!   epochs: 1
 //! ```
 //!
+//! The score is the head on the last real token's hidden state, plus (with
+//! `logprob_feature`, the default) a learned weight times the reply's mean token log-prob
+//! under the model's own LM head, starting from weight 1 and a zero head — i.e. from the
+//! starting policy's own ranking, which training then improves (`RewardHead`).
+//!
 //! Output: a `reward_model` HF folder loadable as transformers'
 //! `LlamaForSequenceClassification` (`score.weight` (1, hidden), `num_labels: 1`,
-//! `pad_token_id`), LoRA merged in, tokenizer files and template.json. metrics.json:
+//! `pad_token_id`), LoRA merged in, tokenizer files and template.json; with the log-prob
+//! feature also `score.logprob_weight` (1,), which transformers ignores — its scores then
+//! lack that term, so set `logprob_feature: false` for a model to serve there. metrics.json:
 //! `eval_accuracy`, `eval_margin`, `eval_loss`, and `eval_policy_logprob_accuracy`
 //! (how well the starting model ranks the held-out pairs by its own log-probs).
 
 use crate::algo::reward::{bradley_terry_loss, pair_accuracy};
 use crate::data::batch::{collate_pairs, EncodedPair};
 use crate::data::row::Row;
-use crate::model::{
-    save_model_folder, CausalLm, LoraConfig, ScalarHead, ScalarHeadKind, Trainability,
-};
+use crate::model::{save_model_folder, CausalLm, LoraConfig, RewardHead, Trainability};
 use crate::train::model_input::{resolve_model_input, TextCodec};
 use crate::train::pairs::{encode_pairs, pair_length, score_pairs};
 use crate::train::settings::{
@@ -33,7 +39,7 @@ use crate::train::settings::{
 };
 use crate::train::training_loop::{run_training, MicroBatchOutput};
 use crate::train::{log_throughput, read_dataset, set_summary_metrics, StageResultExt};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand_chacha::ChaCha8Rng;
 use rlhf_engine::{
@@ -58,6 +64,10 @@ pub struct RewardModelParams {
     /// Subtract each row's `margin` inside the loss (Llama 2).
     #[serde(default)]
     pub use_margin: bool,
+    /// Add a learned weight times the reply's mean token log-prob (under the model's own
+    /// LM head) to the head's score; see the module docs.
+    #[serde(default = "default_true")]
+    pub logprob_feature: bool,
     /// Keeps rewards near zero: c · mean((r_w + r_l)²) (TRL `center_rewards_coefficient`).
     #[serde(default)]
     pub center_rewards_coefficient: Option<f64>,
@@ -116,7 +126,7 @@ pub struct RewardModelStage;
 impl Stage for RewardModelStage {
     type Params = RewardModelParams;
     const KIND: &'static str = "reward_model";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Bradley–Terry reward model: a scalar head on a causal LM, trained on preference pairs";
 
@@ -169,14 +179,11 @@ impl Stage for RewardModelStage {
         }
         let mut varmap = VarMap::new();
         let model = trainable_base(start, params.lora.as_ref(), &varmap, ctx.seed)?;
-        let hidden_size = model.config.hidden_size;
-        let head = ScalarHead::new(
-            ScalarHeadKind::Reward,
-            hidden_size,
+        let head = RewardHead::new(
+            model.config.hidden_size,
+            params.logprob_feature,
             &varmap,
-            "",
             ctx.seed,
-            DType::F32,
             &Device::Cpu,
         )
         .or_fail("creating the reward head")?;
@@ -230,10 +237,7 @@ impl Stage for RewardModelStage {
         );
         overrides.insert("num_labels".into(), serde_json::json!(1));
         overrides.insert("pad_token_id".into(), serde_json::json!(pad));
-        let extra = [(
-            crate::model::heads::SCORE_WEIGHT.to_string(),
-            head.weight.clone(),
-        )];
+        let extra = head.checkpoint_tensors();
         save_model_folder(
             &model,
             &dest,
@@ -305,7 +309,7 @@ fn pair_margins(
 /// Rewards of chosen and rejected replies, (b,) each, and the real tokens scored.
 fn pair_rewards(
     model: &CausalLm,
-    head: &ScalarHead,
+    head: &RewardHead,
     pairs: &[&EncodedPair],
     pad: u32,
     rng: Option<&mut ChaCha8Rng>,
@@ -314,11 +318,14 @@ fn pair_rewards(
     let device = Device::Cpu;
     let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (2b, t)
     let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (2b, t)
+    let replies = batch.loss_mask_tensor(&device).or_fail("batch")?; // (2b, t)
     let mut rng = rng;
     let hidden = model
         .hidden_states_with(&ids, Some(&attention), None, &mut rng)
         .or_fail("forward pass")?; // (2b, t, d)
-    let rewards = head.rewards(&hidden, &attention).or_fail("reward head")?; // (2b,)
+    let rewards = head
+        .rewards(model, &ids, &hidden, &attention, &replies)
+        .or_fail("reward head")?; // (2b,)
     let n = pairs.len();
     Ok((
         rewards.narrow(0, 0, n).or_fail("split")?,
@@ -338,7 +345,7 @@ fn mean_margin(chosen: &Tensor, rejected: &Tensor) -> Result<f64, StageError> {
 /// Held-out accuracy, mean margin and loss over `pairs`, in batches of 32.
 fn evaluate_pairs(
     model: &CausalLm,
-    head: &ScalarHead,
+    head: &RewardHead,
     pairs: &[EncodedPair],
     pad: u32,
     center: Option<f64>,

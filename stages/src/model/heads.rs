@@ -4,7 +4,8 @@
 //! `score.weight` (1, hidden), the name transformers' `LlamaForSequenceClassification`
 //! uses, so a reward model folder loads there with `num_labels = 1`.
 
-use super::causal_lm::standard_normal;
+use super::causal_lm::{standard_normal, CausalLm};
+use super::logprobs::token_logprobs;
 use super::{ModelError, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -116,5 +117,123 @@ impl ScalarHead {
             .collect();
         let index = Tensor::from_vec(last, (values.dim(0)?, 1), values.device())?; // (b, 1)
         Ok(values.gather(&index, 1)?.squeeze(1)?)
+    }
+}
+
+/// The checkpoint name of the weight of a reward model's reply log-prob feature.
+pub const LOGPROB_WEIGHT: &str = "score.logprob_weight";
+
+/// How a reward model scores a sequence: its scalar head on the last real token, plus —
+/// when it has the log-prob feature — a learned weight times the reply's mean token
+/// log-prob under the model's own LM head. The feature matters where correctness is a
+/// matter of the next tokens (arithmetic, code): a head on one hidden state must learn to
+/// check the answer from a few thousand pairs, while the LM's log-probs already rank
+/// right above wrong (the policy's own ranking) and training sharpens them.
+#[derive(Clone, Debug)]
+pub struct RewardHead {
+    pub score: ScalarHead,
+    /// (1,) f32; `None`: the plain head (what transformers' `…ForSequenceClassification`
+    /// computes).
+    pub logprob_weight: Option<Tensor>,
+}
+
+impl RewardHead {
+    /// A fresh trainable head. With the log-prob feature the model starts as exactly the
+    /// policy's own ranking (feature weight 1, hidden-state head 0) and learns from there;
+    /// without it the head is [`ScalarHead::new`]'s seeded N(0, 0.02).
+    pub fn new(
+        hidden_size: usize,
+        logprob_feature: bool,
+        varmap: &VarMap,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        if !logprob_feature {
+            let score = ScalarHead::new(
+                ScalarHeadKind::Reward,
+                hidden_size,
+                varmap,
+                "",
+                seed,
+                DType::F32,
+                device,
+            )?;
+            return Ok(RewardHead {
+                score,
+                logprob_weight: None,
+            });
+        }
+        let zeros = Tensor::zeros((1, hidden_size), DType::F32, device)?;
+        let score = ScalarHead::from_tensor(ScalarHeadKind::Reward, &zeros, Some(varmap), "")?;
+        let weight = Var::from_tensor(&Tensor::ones(1, DType::F32, device)?)?;
+        let shared = weight.as_tensor().clone();
+        varmap
+            .data()
+            .lock()
+            .map_err(|_| ModelError::Invalid("the VarMap lock is poisoned".into()))?
+            .insert(LOGPROB_WEIGHT.to_string(), weight);
+        Ok(RewardHead {
+            score,
+            logprob_weight: Some(shared),
+        })
+    }
+
+    /// Reads `score.weight` and, if present, `score.logprob_weight` (frozen).
+    pub fn from_checkpoint(tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        let score = ScalarHead::from_checkpoint(ScalarHeadKind::Reward, tensors, None, "")?;
+        let logprob_weight = match tensors.get(LOGPROB_WEIGHT) {
+            None => None,
+            Some(tensor) if tensor.dims() == [1] => Some(tensor.to_dtype(DType::F32)?),
+            Some(tensor) => {
+                return Err(ModelError::ShapeMismatch {
+                    name: LOGPROB_WEIGHT.into(),
+                    expected: vec![1],
+                    actual: tensor.dims().to_vec(),
+                })
+            }
+        };
+        Ok(RewardHead {
+            score,
+            logprob_weight,
+        })
+    }
+
+    /// The tensors to save beside the model's weights.
+    pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors = vec![(SCORE_WEIGHT.to_string(), self.score.weight.clone())];
+        if let Some(weight) = &self.logprob_weight {
+            tensors.push((LOGPROB_WEIGHT.to_string(), weight.clone()));
+        }
+        tensors
+    }
+
+    /// One reward per sequence of a right-padded batch: `input_ids` (b, t), `hidden` the
+    /// model's final hidden states (b, t, d), `attention_mask` (b, t), `reply_mask` (b, t)
+    /// 1 on the reply tokens the log-prob feature averages → (b,) f32. Differentiable.
+    pub fn rewards(
+        &self,
+        model: &CausalLm,
+        input_ids: &Tensor,
+        hidden: &Tensor,
+        attention_mask: &Tensor,
+        reply_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let rewards = self.score.rewards(hidden, attention_mask)?; // (b,)
+        let Some(weight) = &self.logprob_weight else {
+            return Ok(rewards);
+        };
+        let time = input_ids.dim(1)?;
+        if time < 2 {
+            return Ok(rewards);
+        }
+        let logits = model.logits(&hidden.narrow(1, 0, time - 1)?)?; // (b, t-1, v)
+        let per_token = token_logprobs(&logits, &input_ids.narrow(1, 1, time - 1)?)?; // (b, t-1)
+        let mask = (reply_mask.narrow(1, 1, time - 1)?.to_dtype(DType::F32)?
+            * attention_mask
+                .narrow(1, 1, time - 1)?
+                .to_dtype(DType::F32)?)?; // (b, t-1)
+        let count = mask.sum(D::Minus1)?.maximum(1.0)?; // (b,)
+        let mean = (per_token * &mask)?.sum(D::Minus1)?.div(&count)?; // (b,)
+        Ok((rewards + mean.broadcast_mul(weight)?)?)
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::data::row::Row;
 use crate::eval::metrics::exact_match;
-use crate::model::{CausalLm, ScalarHead, ScalarHeadKind, Trainability};
+use crate::model::{CausalLm, RewardHead, Trainability};
 use crate::train::StageResultExt;
 use candle_core::{DType, Device};
 use rlhf_engine::StageError;
@@ -126,10 +126,10 @@ fn answer_text(completion: &str) -> &str {
     completion.split('\n').next().unwrap_or("").trim()
 }
 
-/// A reward model artifact loaded for scoring: the LM and its `score.weight` head.
+/// A reward model artifact loaded for scoring: the LM and its reward head.
 pub struct RewardScorer {
     pub model: CausalLm,
-    pub head: ScalarHead,
+    pub head: RewardHead,
     pub pad: u32,
 }
 
@@ -143,13 +143,12 @@ impl RewardScorer {
         let doing = format!("loading the reward model {}", dir.display());
         let tensors = crate::model::weights::load_safetensors(dir, DType::F32, &Device::Cpu)
             .or_fail(&doing)?;
-        let head = ScalarHead::from_checkpoint(ScalarHeadKind::Reward, &tensors, None, "")
-            .map_err(|e| {
-                StageError::failed_with_hint(
-                    format!("{doing}: {e}"),
-                    "the reward input must be a `reward_model` stage",
-                )
-            })?;
+        let head = RewardHead::from_checkpoint(&tensors).map_err(|e| {
+            StageError::failed_with_hint(
+                format!("{doing}: {e}"),
+                "the reward input must be a `reward_model` stage",
+            )
+        })?;
         let config =
             crate::model::LlamaConfig::from_file(&dir.join("config.json")).or_fail(&doing)?;
         let model = CausalLm::from_tensors(config, tensors, &Device::Cpu, Trainability::Frozen)
@@ -157,19 +156,22 @@ impl RewardScorer {
         Ok(RewardScorer { model, head, pad })
     }
 
-    /// One reward per sequence (prompt + completion token ids, unpadded), in order.
-    pub fn score(&self, sequences: &[Vec<u32>]) -> Result<Vec<f64>, StageError> {
-        let mut scores = Vec::with_capacity(sequences.len());
-        for chunk in sequences.chunks(SCORE_BATCH) {
-            let texts: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-            let batch = crate::data::batch::collate_texts(&texts, self.pad);
+    /// One reward per (prompt, completion) pair of token ids, in order.
+    pub fn score(&self, replies: &[(&[u32], &[u32])]) -> Result<Vec<f64>, StageError> {
+        let mut scores = Vec::with_capacity(replies.len());
+        for chunk in replies.chunks(SCORE_BATCH) {
+            let batch = crate::data::batch::Batch::from_parts(chunk, self.pad);
             let ids = batch.input_ids_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
             let mask = batch.attention_mask_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
+            let reply_mask = batch.loss_mask_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
             let hidden = self
                 .model
                 .hidden_states(&ids, Some(&mask), None)
                 .or_fail("reward model forward pass")?; // (b, t, d)
-            let rewards = self.head.rewards(&hidden, &mask).or_fail("reward head")?; // (b,)
+            let rewards = self
+                .head
+                .rewards(&self.model, &ids, &hidden, &mask, &reply_mask)
+                .or_fail("reward head")?; // (b,)
             let values: Vec<f32> = rewards.to_vec1().or_fail("reading rewards")?;
             scores.extend(values.into_iter().map(f64::from));
         }

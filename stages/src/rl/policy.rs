@@ -125,7 +125,13 @@ pub fn score_rollouts(
         }
     }
     if let Some((scorer, weight)) = reward_model {
-        let model_scores = scorer.score(&rollouts.full_sequences())?;
+        let replies: Vec<(&[u32], &[u32])> = rollouts
+            .prompts
+            .iter()
+            .zip(&rollouts.completions)
+            .map(|(prompt, completion)| (prompt.as_slice(), completion.as_slice()))
+            .collect();
+        let model_scores = scorer.score(&replies)?;
         for (score, model_score) in scores.iter_mut().zip(model_scores) {
             *score += weight * model_score;
         }

@@ -50,15 +50,6 @@ impl Rollouts {
         self.completions.iter().map(Vec::len).sum()
     }
 
-    /// prompt ++ completion of every rollout, for a reward model.
-    pub fn full_sequences(&self) -> Vec<Vec<u32>> {
-        self.prompts
-            .iter()
-            .zip(&self.completions)
-            .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
-            .collect()
-    }
-
     pub fn mean_length(&self) -> f64 {
         self.generated_tokens() as f64 / self.len().max(1) as f64
     }
