@@ -1,9 +1,9 @@
 //! Batched generation with an explicit KV cache, for rollouts and evaluation.
 //!
-//! Prompts arrive unpadded; they are left-padded here (and only here) so that every row's
-//! next token sits in the same column: pads get attention-mask 0, and each row's
-//! positions count its own real tokens, so a row computes what it would alone. Rows
-//! that finish (EOS, a stop string) are dropped from the batch and the cache.
+//! Prompts arrive unpadded and stay so: the cached decoder (`kv_cache`) keeps each
+//! row's own keys, so a row computes what it would alone and no FLOP is spent on
+//! padding. Rows that finish (EOS, a stop string) are dropped from the batch and the
+//! cache.
 //! Sampling: greedy, or temperature with top-k / top-p, seeded with ChaCha8.
 
 use super::causal_lm::CausalLm;
@@ -29,7 +29,7 @@ pub struct GenerationSettings {
     /// A row stops once its decoded completion contains one of these (needs a tokenizer).
     pub stop_strings: Vec<String>,
     pub seed: u64,
-    /// Fed in the internal left padding and for finished rows; never attended to.
+    /// The padding id of callers' padded views (generation itself pads nothing).
     pub pad_token_id: u32,
 }
 
@@ -161,37 +161,29 @@ pub fn generate(
 struct DecodeState {
     /// Prompt index of each batch slot.
     active: Vec<usize>,
-    /// Real tokens so far per slot (the next position id).
-    lengths: Vec<u32>,
     cache: KvCache,
     /// (slots, vocab) logits for the next token, row-major.
     logits: Vec<f32>,
 }
 
 impl DecodeState {
-    /// Runs the left-padded prompts through the model: pads sit at position 0 and are
-    /// never attended to, so every row computes what it would alone.
+    /// Runs the prompts through the model, unpadded: each row attends to its own
+    /// tokens only, so it computes what it would alone.
     fn prefill(
         decoder: &InferenceModel,
         prompts: &[Vec<u32>],
         settings: &GenerationSettings,
     ) -> Result<Self> {
-        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let (mut ids, mut positions, mut padding) = (Vec::new(), Vec::new(), Vec::new());
-        for prompt in prompts {
-            let pad = width - prompt.len();
-            ids.extend(
-                std::iter::repeat_n(settings.pad_token_id, pad).chain(prompt.iter().copied()),
-            );
-            positions.extend(std::iter::repeat_n(0u32, pad).chain(0..prompt.len() as u32));
-            padding.push(pad);
-        }
+        let counts: Vec<usize> = prompts.iter().map(Vec::len).collect();
         // The last sampled token is never fed back, hence the - 1.
-        let mut cache = decoder.new_cache(padding, width + settings.max_new_tokens - 1);
-        let logits = decoder.forward(&ids, &positions, &mut cache)?;
+        let capacity: Vec<usize> = counts
+            .iter()
+            .map(|c| c + settings.max_new_tokens - 1)
+            .collect();
+        let mut cache = decoder.new_cache(&capacity);
+        let logits = decoder.forward(&prompts.concat(), &counts, &mut cache)?;
         Ok(DecodeState {
             active: (0..prompts.len()).collect(),
-            lengths: prompts.iter().map(|p| p.len() as u32).collect(),
             cache,
             logits,
         })
@@ -208,14 +200,12 @@ impl DecodeState {
             .collect();
         self.cache.keep_rows(&keep);
         self.active = keep.iter().map(|&s| self.active[s]).collect();
-        self.lengths = keep.iter().map(|&s| self.lengths[s]).collect();
         *next = keep.iter().map(|&s| next[s]).collect();
     }
 
     /// Feeds one token per slot and computes the next logits.
     fn step(&mut self, decoder: &InferenceModel, next: &[u32]) -> Result<()> {
-        self.logits = decoder.forward(next, &self.lengths, &mut self.cache)?;
-        self.lengths.iter_mut().for_each(|l| *l += 1);
+        self.logits = decoder.forward(next, &vec![1; next.len()], &mut self.cache)?;
         Ok(())
     }
 }

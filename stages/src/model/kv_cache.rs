@@ -10,16 +10,17 @@
 //! - each linear layer runs as `W x^T`, which gemm computes ~1.4x faster than `x W^T`
 //!   at 32 rows without copying W;
 //! - norms, RoPE, SiLU and attention run as plain loops over f32 rows;
-//! - the cache keeps keys and values per (row, kv head), reserved for the whole
-//!   generation, so appending never reallocates; finished rows are dropped by moving
-//!   their vectors out.
+//! - nothing is padded: a prefill feeds each prompt's own tokens, concatenated, and
+//!   the cache keeps keys and values per (row, kv head), each row as long as its own
+//!   sequence, reserved for the whole generation so appending never reallocates;
+//!   finished rows are dropped by moving their vectors out.
 //!
 //! Everything is computed in f32 (whatever the model's dtype). The numbers equal the
 //! training forward up to float rounding; the parity tests hold both to transformers.
 
 use super::causal_lm::CausalLm;
 use super::layers::Linear;
-use super::Result;
+use super::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// Linear layers sharing an input, fused into one weight: `y = x W^T + b`.
@@ -109,10 +110,44 @@ pub struct InferenceModel {
     intermediate: usize,
 }
 
-/// The shape of one forward call: `time` new tokens for each of `rows` rows.
+/// The tokens of one forward call: `counts[row]` new tokens per row, concatenated
+/// row after row (no padding anywhere), following `past[row]` cached ones.
 struct Chunk {
-    rows: usize,
-    time: usize,
+    counts: Vec<usize>,
+    past: Vec<usize>,
+    /// Index of each row's first token in the concatenation.
+    starts: Vec<usize>,
+}
+
+impl Chunk {
+    fn new(counts: &[usize], past: &[usize]) -> Self {
+        let starts = counts
+            .iter()
+            .scan(0, |start, &count| {
+                let first = *start;
+                *start += count;
+                Some(first)
+            })
+            .collect();
+        Chunk {
+            counts: counts.to_vec(),
+            past: past.to_vec(),
+            starts,
+        }
+    }
+
+    fn tokens(&self) -> usize {
+        self.counts.iter().sum()
+    }
+
+    /// The position id of every token: its index in its row.
+    fn positions(&self) -> Vec<u32> {
+        self.counts
+            .iter()
+            .zip(&self.past)
+            .flat_map(|(&count, &past)| (past..past + count).map(|p| p as u32))
+            .collect()
+    }
 }
 
 impl InferenceModel {
@@ -162,13 +197,13 @@ impl InferenceModel {
         self.embed_tokens.device()
     }
 
-    /// An empty cache for `padding.len()` rows whose first `padding[row]` keys are
-    /// (left) padding, holding up to `capacity` positions per row.
-    pub fn new_cache(&self, padding: Vec<usize>, capacity: usize) -> KvCache {
-        let pairs = padding.len() * self.kv_heads;
+    /// An empty cache for `rows` rows holding up to `capacity[row]` positions each.
+    pub fn new_cache(&self, capacity: &[usize]) -> KvCache {
         let reserved = || {
-            (0..pairs)
-                .map(|_| Vec::with_capacity(capacity * self.head_dim))
+            capacity
+                .iter()
+                .flat_map(|&c| (0..self.kv_heads).map(move |_| c * self.head_dim))
+                .map(Vec::with_capacity)
                 .collect()
         };
         KvCache {
@@ -178,51 +213,62 @@ impl InferenceModel {
                     values: reserved(),
                 })
                 .collect(),
-            padding,
+            lengths: vec![0; capacity.len()],
             kv_heads: self.kv_heads,
         }
     }
 
-    /// Feeds `ids` (rows, time) at `positions` (rows, time), extends `cache`, and
-    /// returns the logits (rows, vocab) of each row's last position, row-major.
-    pub fn forward(&self, ids: &[u32], positions: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let rows = cache.padding.len();
-        let time = ids.len() / rows.max(1);
-        let chunk = Chunk { rows, time };
-        let ids = Tensor::from_slice(ids, ids.len(), self.device())?;
+    /// Feeds `counts[row]` new tokens to each row of `cache` (`ids` holds them row
+    /// after row, unpadded), extends the cache, and returns the logits (rows, vocab)
+    /// of each row's last token, row-major. Every row needs at least one token.
+    pub fn forward(&self, ids: &[u32], counts: &[usize], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let chunk = Chunk::new(counts, &cache.lengths);
+        let n = chunk.tokens();
+        if ids.len() != n || counts.len() != cache.lengths.len() || counts.contains(&0) {
+            return Err(ModelError::Invalid(format!(
+                "cached forward: {} ids for token counts {counts:?} of {} cached rows",
+                ids.len(),
+                cache.lengths.len()
+            )));
+        }
+        let ids = Tensor::from_slice(ids, n, self.device())?;
         let mut x = self
             .embed_tokens
             .index_select(&ids, 0)?
             .to_dtype(DType::F32)?
             .flatten_all()?
-            .to_vec1::<f32>()?; // (rows * time, hidden)
-        let (cos, sin) = self.rope_tables(positions);
+            .to_vec1::<f32>()?; // (n, hidden)
+        let (cos, sin) = self.rope_tables(&chunk.positions());
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let n = rows * time;
             let mut qkv = layer
                 .qkv
                 .forward(&rms_norm(&x, &layer.input_norm, self.eps), n)?;
             self.rotate(&mut qkv, &cos, &sin);
-            layer_cache.append(&qkv, self.heads, self.kv_heads, self.head_dim);
-            let context = self.attend(&qkv, layer_cache, &cache.padding, &chunk);
+            layer_cache.append(&qkv, &chunk, self.heads, self.kv_heads, self.head_dim);
+            let context = self.attend(&qkv, layer_cache, &chunk);
             add_into(&mut x, &layer.o.forward(&context, n)?);
             let normed = rms_norm(&x, &layer.post_attention_norm, self.eps);
             let gate_up = layer.gate_up.forward(&normed, n)?; // (n, 2 * inter)
             let inter = self.intermediate;
             let mut act = Vec::with_capacity(n * inter);
-            for row in gate_up.chunks_exact(2 * inter) {
-                let (gate, up) = row.split_at(inter);
+            for token in gate_up.chunks_exact(2 * inter) {
+                let (gate, up) = token.split_at(inter);
                 act.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
             }
             add_into(&mut x, &layer.down.forward(&act, n)?);
         }
-        let last: Vec<f32> = x
-            .chunks_exact(time * self.hidden)
-            .flat_map(|row| &row[(time - 1) * self.hidden..])
+        for (length, count) in cache.lengths.iter_mut().zip(counts) {
+            *length += count;
+        }
+        let last: Vec<f32> = chunk
+            .starts
+            .iter()
+            .zip(counts)
+            .flat_map(|(start, count)| &x[(start + count - 1) * self.hidden..][..self.hidden])
             .copied()
             .collect(); // (rows, hidden)
         self.lm_head
-            .forward(&rms_norm(&last, &self.final_norm, self.eps), rows)
+            .forward(&rms_norm(&last, &self.final_norm, self.eps), counts.len())
     }
 
     /// cos and sin (n, head_dim) for each position, as transformers' rotate-half
@@ -256,55 +302,47 @@ impl InferenceModel {
         }
     }
 
-    /// Attention of the chunk's queries over every cached key of their row: causal,
-    /// skipping the row's left padding. Returns the context (rows * time, heads * d).
-    fn attend(
-        &self,
-        qkv: &[f32],
-        cache: &LayerCache,
-        padding: &[usize],
-        chunk: &Chunk,
-    ) -> Vec<f32> {
+    /// Attention of the chunk's queries over their row's cached keys, causal. The
+    /// `n_rep` query heads that share a kv head are handled together, so each key and
+    /// value is read once for all of them. Returns the context (n, heads * d).
+    fn attend(&self, qkv: &[f32], cache: &LayerCache, chunk: &Chunk) -> Vec<f32> {
         let (heads, d) = (self.heads, self.head_dim);
         let width = (heads + 2 * self.kv_heads) * d;
         let n_rep = heads / self.kv_heads;
-        let keys_len = cache.keys.first().map_or(0, |k| k.len() / d);
-        let past = keys_len - chunk.time;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0.0f32; chunk.rows * chunk.time * heads * d];
-        let mut weights = vec![0.0f32; keys_len];
-        for row in 0..chunk.rows {
-            for head in 0..heads {
-                let pair = row * self.kv_heads + head / n_rep;
+        let longest = chunk.past.iter().zip(&chunk.counts).map(|(p, c)| p + c);
+        let mut scores = vec![0.0f32; n_rep * longest.max().unwrap_or(0)]; // (n_rep, keys)
+        let mut totals = vec![0.0f32; n_rep];
+        let mut out = vec![0.0f32; chunk.tokens() * heads * d];
+        for (row, (&start, &count)) in chunk.starts.iter().zip(&chunk.counts).enumerate() {
+            for group in 0..self.kv_heads {
+                let pair = row * self.kv_heads + group;
                 let (keys, values) = (&cache.keys[pair], &cache.values[pair]);
-                for step in 0..chunk.time {
-                    let token = row * chunk.time + step;
-                    let query = &qkv[token * width + head * d..][..d];
-                    let visible = padding[row]..past + step + 1;
-                    if visible.is_empty() {
-                        continue; // a pad query sees nothing; its output is never read
+                for step in 0..count {
+                    let token = start + step;
+                    let n = chunk.past[row] + step + 1; // visible keys
+                                                        // Query heads group * n_rep .. (group + 1) * n_rep use this kv head.
+                    let queries = &qkv[token * width + group * n_rep * d..][..n_rep * d];
+                    for (j, key) in keys.chunks_exact(d).take(n).enumerate() {
+                        for (r, query) in queries.chunks_exact(d).enumerate() {
+                            scores[r * n + j] = dot(query, key) * scale;
+                        }
                     }
-                    let weights = &mut weights[visible.clone()];
-                    let mut max = f32::NEG_INFINITY;
-                    for (w, key) in weights
-                        .iter_mut()
-                        .zip(keys[visible.start * d..].chunks_exact(d))
-                    {
-                        *w = dot(query, key) * scale;
-                        max = max.max(*w);
+                    for (r, total) in totals.iter_mut().enumerate() {
+                        let row_scores = &mut scores[r * n..][..n];
+                        let max = row_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        *total = 0.0;
+                        for w in row_scores.iter_mut() {
+                            *w = (*w - max).exp();
+                            *total += *w;
+                        }
                     }
-                    let mut total = 0.0f32;
-                    for w in weights.iter_mut() {
-                        *w = (*w - max).exp();
-                        total += *w;
-                    }
-                    let context = &mut out[(token * heads + head) * d..][..d];
-                    for (w, value) in weights
-                        .iter()
-                        .zip(values[visible.start * d..].chunks_exact(d))
-                    {
-                        let p = w / total;
-                        context.iter_mut().zip(value).for_each(|(c, v)| *c += p * v);
+                    let context = &mut out[(token * heads + group * n_rep) * d..][..n_rep * d];
+                    for (j, value) in values.chunks_exact(d).take(n).enumerate() {
+                        for (r, context) in context.chunks_exact_mut(d).enumerate() {
+                            let p = scores[r * n + j] / totals[r];
+                            context.iter_mut().zip(value).for_each(|(c, v)| *c += p * v);
+                        }
                     }
                 }
             }
@@ -316,8 +354,8 @@ impl InferenceModel {
 /// The KV cache of every layer for the rows still being generated.
 pub struct KvCache {
     layers: Vec<LayerCache>,
-    /// Per row: how many leading keys are padding (never attended to).
-    padding: Vec<usize>,
+    /// Positions cached per row.
+    lengths: Vec<usize>,
     kv_heads: usize,
 }
 
@@ -328,7 +366,7 @@ impl KvCache {
             layer.keys = take_rows(&mut layer.keys, rows, self.kv_heads);
             layer.values = take_rows(&mut layer.values, rows, self.kv_heads);
         }
-        self.padding = rows.iter().map(|&r| self.padding[r]).collect();
+        self.lengths = rows.iter().map(|&r| self.lengths[r]).collect();
     }
 }
 
@@ -339,18 +377,16 @@ struct LayerCache {
 }
 
 impl LayerCache {
-    /// Appends the k and v heads of qkv (rows * time, (heads + 2 kv_heads) d), in
-    /// time order per row.
-    fn append(&mut self, qkv: &[f32], heads: usize, kv_heads: usize, d: usize) {
+    /// Appends the k and v heads of qkv (n, (heads + 2 kv_heads) d) to each token's row.
+    fn append(&mut self, qkv: &[f32], chunk: &Chunk, heads: usize, kv_heads: usize, d: usize) {
         let width = (heads + 2 * kv_heads) * d;
-        let rows = self.keys.len() / kv_heads.max(1);
-        let time = qkv.len() / width / rows.max(1);
-        for (token, values) in qkv.chunks_exact(width).enumerate() {
-            let row = token / time;
-            for g in 0..kv_heads {
-                let pair = row * kv_heads + g;
-                self.keys[pair].extend_from_slice(&values[(heads + g) * d..][..d]);
-                self.values[pair].extend_from_slice(&values[(heads + kv_heads + g) * d..][..d]);
+        for (row, (&start, &count)) in chunk.starts.iter().zip(&chunk.counts).enumerate() {
+            for token in qkv[start * width..(start + count) * width].chunks_exact(width) {
+                for g in 0..kv_heads {
+                    let pair = row * kv_heads + g;
+                    self.keys[pair].extend_from_slice(&token[(heads + g) * d..][..d]);
+                    self.values[pair].extend_from_slice(&token[(heads + kv_heads + g) * d..][..d]);
+                }
             }
         }
     }
@@ -412,4 +448,119 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LlamaConfig, LoraConfig, LoraTargets, Trainability};
+
+    /// Deterministic, non-trivial values for a tensor of `dims`.
+    fn pattern(dims: &[usize], scale: f32) -> Tensor {
+        let count: usize = dims.iter().product();
+        let values: Vec<f32> = (0..count)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * scale)
+            .collect();
+        Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+    }
+
+    /// Qwen2 (q/k/v bias, tied embeddings) with grouped-query attention and a LoRA
+    /// adapter on every linear, every bias and LoRA B non-zero.
+    fn qwen2_with_lora() -> CausalLm {
+        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": true, "initializer_range": 0.3
+        }))
+        .unwrap();
+        let device = Device::Cpu;
+        let mut model =
+            CausalLm::random(config, 7, DType::F32, &device, Trainability::Frozen).unwrap();
+        let lora = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: LoraTargets::All("all-linear".into()),
+            use_rslora: false,
+        };
+        model.add_lora(&lora, &candle_nn::VarMap::new(), 3).unwrap();
+        for layer in model.layers.iter_mut() {
+            for (_, linear) in layer.linears_mut() {
+                if let Some(bias) = &linear.bias {
+                    linear.bias = Some(pattern(bias.dims(), 0.05));
+                }
+                let adapter = linear.lora.as_mut().unwrap();
+                adapter.b = pattern(adapter.b.dims(), 0.1);
+            }
+        }
+        model
+    }
+
+    /// The last-position logits of the training forward on one unpadded sequence.
+    fn reference_logits(model: &CausalLm, sequence: &[u32]) -> Vec<f32> {
+        let input = Tensor::new(sequence, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&input, None, None).unwrap(); // (1, t, vocab)
+        logits
+            .get(0)
+            .unwrap()
+            .get(sequence.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn assert_rows_match(model: &CausalLm, logits: &[f32], sequences: &[Vec<u32>]) {
+        let vocab = model.config.vocab_size;
+        for (row, sequence) in sequences.iter().enumerate() {
+            let expected = reference_logits(model, sequence);
+            let got = &logits[row * vocab..][..vocab];
+            let diff = expected
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff < 1e-4, "row {row} ({sequence:?}): max diff {diff}");
+        }
+    }
+
+    #[test]
+    fn ragged_cached_decoding_equals_the_training_forward_of_each_row() {
+        let model = qwen2_with_lora();
+        let decoder = InferenceModel::new(&model).unwrap();
+        let mut sequences = vec![vec![1u32, 5, 9], vec![1, 40, 41, 42, 43, 44, 45], vec![2]];
+        let counts: Vec<usize> = sequences.iter().map(Vec::len).collect();
+        let mut cache = decoder.new_cache(&[5, 9, 3]);
+        let logits = decoder
+            .forward(&sequences.concat(), &counts, &mut cache)
+            .unwrap();
+        assert_rows_match(&model, &logits, &sequences);
+        // One decode step for every row.
+        let next = [7u32, 8, 9];
+        sequences.iter_mut().zip(next).for_each(|(s, t)| s.push(t));
+        let logits = decoder.forward(&next, &[1, 1, 1], &mut cache).unwrap();
+        assert_rows_match(&model, &logits, &sequences);
+        // Drop the middle row and reorder the others: the cache follows.
+        cache.keep_rows(&[2, 0]);
+        let sequences = vec![
+            [sequences[2].clone(), vec![11]].concat(),
+            [sequences[0].clone(), vec![12]].concat(),
+        ];
+        let logits = decoder.forward(&[11, 12], &[1, 1], &mut cache).unwrap();
+        assert_rows_match(&model, &logits, &sequences);
+    }
+
+    #[test]
+    fn cached_forward_rejects_ids_that_do_not_match_the_counts() {
+        let model = qwen2_with_lora();
+        let decoder = InferenceModel::new(&model).unwrap();
+        let mut cache = decoder.new_cache(&[4, 4]);
+        let error = decoder.forward(&[1, 2, 3], &[1, 1], &mut cache);
+        assert!(matches!(error, Err(ModelError::Invalid(_))));
+        let error = decoder.forward(&[1, 2], &[2, 0], &mut cache);
+        assert!(matches!(error, Err(ModelError::Invalid(_))));
+    }
 }
