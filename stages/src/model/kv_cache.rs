@@ -21,7 +21,7 @@
 use super::causal_lm::CausalLm;
 use super::layers::Linear;
 use super::{ModelError, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
 /// Linear layers sharing an input, fused into one weight: `y = x W^T + b`.
 struct FusedLinear {
@@ -61,16 +61,22 @@ impl FusedLinear {
 
     /// x (rows, in) → (rows, out), row-major. Computed as `W x^T`: gemm then streams
     /// the row-major weight as it is, where `x W^T` would repack `W^T` on every call
-    /// (~1.4x slower at 32 rows); transposing the small result back is cheap.
-    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    /// (~1.4x slower at 32 rows); transposing the small result back is cheap, and is
+    /// read straight from the product's storage.
+    fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
         let (out_dim, in_dim) = self.weight.dims2()?;
-        let x = Tensor::from_slice(x, (rows, in_dim), self.weight.device())?;
-        let y_t = self
-            .weight
-            .matmul(&x.t()?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // (out, rows)
-        let mut y = transpose(&y_t, out_dim, rows);
+        let x = Tensor::from_vec(x, (rows, in_dim), self.weight.device())?;
+        let y_t = self.weight.matmul(&x.t()?)?; // (out, rows)
+        let (storage, layout) = y_t.storage_and_layout();
+        let y_t = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(cpu), Some((start, end))) => &cpu.as_slice::<f32>()?[start..end],
+            _ => {
+                return Err(ModelError::Unsupported(
+                    "cached generation runs on the CPU only".into(),
+                ))
+            }
+        };
+        let mut y = transpose(y_t, out_dim, rows);
         if let Some(bias) = &self.bias {
             for row in y.chunks_exact_mut(out_dim) {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
@@ -242,20 +248,20 @@ impl InferenceModel {
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let mut qkv = layer
                 .qkv
-                .forward(&rms_norm(&x, &layer.input_norm, self.eps), n)?;
+                .forward(rms_norm(&x, &layer.input_norm, self.eps), n)?;
             self.rotate(&mut qkv, &cos, &sin);
             layer_cache.append(&qkv, &chunk, self.heads, self.kv_heads, self.head_dim);
             let context = self.attend(&qkv, layer_cache, &chunk);
-            add_into(&mut x, &layer.o.forward(&context, n)?);
+            add_into(&mut x, &layer.o.forward(context, n)?);
             let normed = rms_norm(&x, &layer.post_attention_norm, self.eps);
-            let gate_up = layer.gate_up.forward(&normed, n)?; // (n, 2 * inter)
+            let gate_up = layer.gate_up.forward(normed, n)?; // (n, 2 * inter)
             let inter = self.intermediate;
             let mut act = Vec::with_capacity(n * inter);
             for token in gate_up.chunks_exact(2 * inter) {
                 let (gate, up) = token.split_at(inter);
                 act.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
             }
-            add_into(&mut x, &layer.down.forward(&act, n)?);
+            add_into(&mut x, &layer.down.forward(act, n)?);
         }
         for (length, count) in cache.lengths.iter_mut().zip(counts) {
             *length += count;
@@ -268,7 +274,7 @@ impl InferenceModel {
             .copied()
             .collect(); // (rows, hidden)
         self.lm_head
-            .forward(&rms_norm(&last, &self.final_norm, self.eps), counts.len())
+            .forward(rms_norm(&last, &self.final_norm, self.eps), counts.len())
     }
 
     /// cos and sin (n, head_dim) for each position, as transformers' rotate-half
