@@ -7,9 +7,10 @@
 //! weight `W^T` on every call. So, once per [`generate`](super::generate) call, LoRA
 //! is merged into the weights and q|k|v and gate|up are fused (4 gemm calls per
 //! layer), and then:
-//! - each linear layer runs as `W x^T`, which gemm computes ~1.4x faster than `x W^T`
-//!   at 32 rows without copying W;
-//! - norms, RoPE, SiLU and attention run as plain loops over f32 rows;
+//! - activations are kept feature-major, x^T (features, tokens), so each linear layer
+//!   is `W x^T` on two row-major operands: gemm computes it ~1.4x faster than
+//!   `x W^T` at 32 rows, and nothing is transposed but q|k|v and the context;
+//! - norms, RoPE, SiLU and attention run as plain loops over f32 slices;
 //! - nothing is padded: a prefill feeds each prompt's own tokens, concatenated, and
 //!   the cache keeps keys and values per (row, kv head), each row as long as its own
 //!   sequence, reserved for the whole generation so appending never reallocates;
@@ -21,7 +22,7 @@
 use super::causal_lm::CausalLm;
 use super::layers::Linear;
 use super::{ModelError, Result};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Linear layers sharing an input, fused into one weight: `y = x W^T + b`.
 struct FusedLinear {
@@ -59,30 +60,19 @@ impl FusedLinear {
         })
     }
 
-    /// x (rows, in) → (rows, out), row-major. Computed as `W x^T`: gemm then streams
-    /// the row-major weight as it is, where `x W^T` would repack `W^T` on every call
-    /// (~1.4x slower at 32 rows); transposing the small result back is cheap, and is
-    /// read straight from the product's storage.
-    fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let x = Tensor::from_vec(x, (rows, in_dim), self.weight.device())?;
-        let y_t = self.weight.matmul(&x.t()?)?; // (out, rows)
-        let (storage, layout) = y_t.storage_and_layout();
-        let y_t = match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(cpu), Some((start, end))) => &cpu.as_slice::<f32>()?[start..end],
-            _ => {
-                return Err(ModelError::Unsupported(
-                    "cached generation runs on the CPU only".into(),
-                ))
-            }
-        };
-        let mut y = transpose(y_t, out_dim, rows);
+    /// Feature-major activations: x^T (in, n) → y^T = W x^T (out, n). Both operands
+    /// are row-major as they lie, so gemm streams the weight without repacking it
+    /// (`x W^T` would repack `W^T` on every call: ~1.4x slower at 32 rows).
+    fn forward(&self, x_t: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        let in_dim = self.weight.dim(1)?;
+        let x_t = Tensor::from_vec(x_t, (in_dim, n), self.weight.device())?;
+        let mut y_t = self.weight.matmul(&x_t)?.flatten_all()?.to_vec1::<f32>()?; // (out, n)
         if let Some(bias) = &self.bias {
-            for row in y.chunks_exact_mut(out_dim) {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            for (row, b) in y_t.chunks_exact_mut(n).zip(bias) {
+                row.iter_mut().for_each(|v| *v += b);
             }
         }
-        Ok(y)
+        Ok(y_t)
     }
 }
 
@@ -238,43 +228,58 @@ impl InferenceModel {
             )));
         }
         let ids = Tensor::from_slice(ids, n, self.device())?;
-        let mut x = self
+        let x = self
             .embed_tokens
             .index_select(&ids, 0)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?; // (n, hidden)
+                                // Activations stay feature-major, (features, n), between the matmuls; only
+                                // q|k|v and the attention context are turned token-major, for attention.
+        let mut x_t = transpose(&x, n, self.hidden); // (hidden, n)
         let (cos, sin) = self.rope_tables(&chunk.positions());
+        let (qkv_width, inter) = (
+            (self.heads + 2 * self.kv_heads) * self.head_dim,
+            self.intermediate,
+        );
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let mut qkv = layer
+            let qkv_t = layer
                 .qkv
-                .forward(rms_norm(&x, &layer.input_norm, self.eps), n)?;
+                .forward(rms_norm_t(&x_t, &layer.input_norm, self.eps), n)?;
+            let mut qkv = transpose(&qkv_t, qkv_width, n); // (n, qkv_width)
             self.rotate(&mut qkv, &cos, &sin);
             layer_cache.append(&qkv, &chunk, self.heads, self.kv_heads, self.head_dim);
-            let context = self.attend(&qkv, layer_cache, &chunk);
-            add_into(&mut x, &layer.o.forward(context, n)?);
-            let normed = rms_norm(&x, &layer.post_attention_norm, self.eps);
-            let gate_up = layer.gate_up.forward(normed, n)?; // (n, 2 * inter)
-            let inter = self.intermediate;
-            let mut act = Vec::with_capacity(n * inter);
-            for token in gate_up.chunks_exact(2 * inter) {
-                let (gate, up) = token.split_at(inter);
-                act.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
-            }
-            add_into(&mut x, &layer.down.forward(act, n)?);
+            let context = self.attend(&qkv, layer_cache, &chunk); // (n, heads * d)
+            let context_t = transpose(&context, n, self.heads * self.head_dim);
+            add_into(&mut x_t, &layer.o.forward(context_t, n)?);
+            let normed_t = rms_norm_t(&x_t, &layer.post_attention_norm, self.eps);
+            let gate_up_t = layer.gate_up.forward(normed_t, n)?; // (2 inter, n)
+            let (gate, up) = gate_up_t.split_at(inter * n);
+            let act_t: Vec<f32> = gate
+                .iter()
+                .zip(up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect(); // (inter, n)
+            add_into(&mut x_t, &layer.down.forward(act_t, n)?);
         }
         for (length, count) in cache.lengths.iter_mut().zip(counts) {
             *length += count;
         }
-        let last: Vec<f32> = chunk
+        let rows = counts.len();
+        let last: Vec<usize> = chunk
             .starts
             .iter()
             .zip(counts)
-            .flat_map(|(start, count)| &x[(start + count - 1) * self.hidden..][..self.hidden])
-            .copied()
-            .collect(); // (rows, hidden)
-        self.lm_head
-            .forward(rms_norm(&last, &self.final_norm, self.eps), counts.len())
+            .map(|(s, c)| s + c - 1)
+            .collect();
+        let last_t: Vec<f32> = x_t
+            .chunks_exact(n)
+            .flat_map(|feature| last.iter().map(|&t| feature[t]))
+            .collect(); // (hidden, rows)
+        let logits_t = self
+            .lm_head
+            .forward(rms_norm_t(&last_t, &self.final_norm, self.eps), rows)?; // (vocab, rows)
+        Ok(transpose(&logits_t, logits_t.len() / rows, rows))
     }
 
     /// cos and sin (n, head_dim) for each position, as transformers' rotate-half
@@ -405,13 +410,24 @@ fn take_rows(store: &mut [Vec<f32>], rows: &[usize], kv_heads: usize) -> Vec<Vec
         .collect()
 }
 
-/// `weight * x / sqrt(mean(x^2) + eps)` per row, as the training path's RmsNorm.
-fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(weight.len()) {
-        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / weight.len() as f32;
-        let rms = (mean_square + eps).sqrt();
-        out.extend(row.iter().zip(weight).map(|(v, w)| v / rms * w));
+/// `weight * x / sqrt(mean(x^2) + eps)` per token of feature-major x^T (features, n),
+/// summing squares in feature order as the training path's RmsNorm does per row.
+fn rms_norm_t(x_t: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let n = x_t.len() / weight.len();
+    let mut sum_squares = vec![0.0f32; n];
+    for feature in x_t.chunks_exact(n) {
+        sum_squares
+            .iter_mut()
+            .zip(feature)
+            .for_each(|(s, v)| *s += v * v);
+    }
+    let rms: Vec<f32> = sum_squares
+        .iter()
+        .map(|s| (s / weight.len() as f32 + eps).sqrt())
+        .collect();
+    let mut out = Vec::with_capacity(x_t.len());
+    for (feature, w) in x_t.chunks_exact(n).zip(weight) {
+        out.extend(feature.iter().zip(&rms).map(|(v, r)| v / r * w));
     }
     out
 }
