@@ -321,6 +321,47 @@ fn descending_key(logit: f32, id: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{LlamaConfig, Trainability};
+    use candle_core::DType;
+
+    #[test]
+    fn a_bf16_model_generates_exactly_as_its_weights_converted_to_f32() {
+        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": false, "initializer_range": 0.3
+        }))
+        .unwrap();
+        let device = Device::Cpu;
+        let bf16 = CausalLm::random(
+            config.clone(),
+            5,
+            DType::BF16,
+            &device,
+            Trainability::Frozen,
+        )
+        .unwrap();
+        let converted = bf16
+            .named_weights(false)
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| (name, t.to_dtype(DType::F32).unwrap()))
+            .collect();
+        let f32_model =
+            CausalLm::from_tensors(config, converted, &device, Trainability::Frozen).unwrap();
+        let prompts = vec![vec![1u32, 5, 9], vec![1, 40, 41, 42, 43]];
+        let settings = GenerationSettings {
+            max_new_tokens: 6,
+            temperature: 0.7,
+            seed: 9,
+            ..GenerationSettings::greedy()
+        };
+        let from_bf16 = generate(&bf16, &prompts, &settings, None).unwrap();
+        let from_f32 = generate(&f32_model, &prompts, &settings, None).unwrap();
+        assert_eq!(from_bf16.tokens, from_f32.tokens);
+        assert_eq!(from_bf16.logprobs, from_f32.logprobs);
+    }
 
     #[test]
     fn descending_keys_sort_as_a_stable_sort_by_descending_logit() {
