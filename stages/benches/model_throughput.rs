@@ -61,13 +61,22 @@ fn generation(model: &CausalLm, batch: usize, new_tokens: usize) -> f64 {
         ..GenerationSettings::greedy()
     };
     let prompts = prompts(batch);
-    generate(model, &prompts, &settings, None).expect("generate");
+    let output = generate(model, &prompts, &settings, None).expect("generate");
     let seconds = best_of(7, || {
         generate(model, &prompts, &settings, None).expect("generate")
     });
     let tokens = (batch * new_tokens) as f64;
+    // A digest of the sampled tokens: an optimisation that changes what a seed
+    // produces shows here.
+    let digest = output
+        .tokens
+        .iter()
+        .flatten()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+            (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3)
+        });
     println!(
-        "generate  batch {batch:>2}, {new_tokens} new tokens: {:>8.0} tokens/s ({seconds:.3} s)",
+        "generate  batch {batch:>2}, {new_tokens} new tokens: {:>8.0} tokens/s ({seconds:.3} s), tokens digest {digest:016x}",
         tokens / seconds
     );
     seconds
