@@ -234,52 +234,56 @@ impl InferenceModel {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?; // (n, hidden)
-                                // Activations stay feature-major, (features, n), between the matmuls; only
-                                // q|k|v and the attention context are turned token-major, for attention.
+                                // Activations stay feature-major, (features, n), between the matmuls.
         let mut x_t = transpose(&x, n, self.hidden); // (hidden, n)
-        let (cos, sin) = self.rope_tables(&chunk.positions());
-        let (qkv_width, inter) = (
-            (self.heads + 2 * self.kv_heads) * self.head_dim,
-            self.intermediate,
-        );
+        let rope = self.rope_tables(&chunk.positions());
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let qkv_t = layer
-                .qkv
-                .forward(rms_norm_t(&x_t, &layer.input_norm, self.eps), n)?;
-            let mut qkv = transpose(&qkv_t, qkv_width, n); // (n, qkv_width)
-            self.rotate(&mut qkv, &cos, &sin);
-            layer_cache.append(&qkv, &chunk, self.heads, self.kv_heads, self.head_dim);
-            let context = self.attend(&qkv, layer_cache, &chunk); // (n, heads * d)
-            let context_t = transpose(&context, n, self.heads * self.head_dim);
-            add_into(&mut x_t, &layer.o.forward(context_t, n)?);
-            let normed_t = rms_norm_t(&x_t, &layer.post_attention_norm, self.eps);
-            let gate_up_t = layer.gate_up.forward(normed_t, n)?; // (2 inter, n)
-            let (gate, up) = gate_up_t.split_at(inter * n);
-            let act_t: Vec<f32> = gate
-                .iter()
-                .zip(up)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect(); // (inter, n)
-            add_into(&mut x_t, &layer.down.forward(act_t, n)?);
+            self.layer_forward(layer, layer_cache, &mut x_t, &chunk, &rope)?;
         }
         for (length, count) in cache.lengths.iter_mut().zip(counts) {
             *length += count;
         }
         let rows = counts.len();
-        let last: Vec<usize> = chunk
-            .starts
-            .iter()
-            .zip(counts)
-            .map(|(s, c)| s + c - 1)
+        let last: Vec<usize> = (chunk.starts.iter().zip(counts))
+            .map(|(start, count)| start + count - 1)
             .collect();
         let last_t: Vec<f32> = x_t
             .chunks_exact(n)
-            .flat_map(|feature| last.iter().map(|&t| feature[t]))
+            .flat_map(|feature| last.iter().map(|&token| feature[token]))
             .collect(); // (hidden, rows)
-        let logits_t = self
-            .lm_head
-            .forward(rms_norm_t(&last_t, &self.final_norm, self.eps), rows)?; // (vocab, rows)
+        let normed_t = rms_norm_t(&last_t, &self.final_norm, self.eps);
+        let logits_t = self.lm_head.forward(normed_t, rows)?; // (vocab, rows)
         Ok(transpose(&logits_t, logits_t.len() / rows, rows))
+    }
+
+    /// One decoder layer on feature-major x^T (hidden, n), in place; q|k|v and the
+    /// attention context are turned token-major for attention only.
+    fn layer_forward(
+        &self,
+        layer: &InferenceLayer,
+        cache: &mut LayerCache,
+        x_t: &mut [f32],
+        chunk: &Chunk,
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+    ) -> Result<()> {
+        let n = chunk.tokens();
+        let (d, inter) = (self.head_dim, self.intermediate);
+        let normed_t = rms_norm_t(x_t, &layer.input_norm, self.eps);
+        let qkv_t = layer.qkv.forward(normed_t, n)?; // ((heads + 2 kv_heads) d, n)
+        let mut qkv = transpose(&qkv_t, qkv_t.len() / n, n); // (n, (heads + 2 kv_heads) d)
+        self.rotate(&mut qkv, cos, sin);
+        cache.append(&qkv, chunk, self.heads, self.kv_heads, d);
+        let context = self.attend(&qkv, cache, chunk); // (n, heads * d)
+        let context_t = transpose(&context, n, self.heads * d);
+        add_into(x_t, &layer.o.forward(context_t, n)?);
+        let normed_t = rms_norm_t(x_t, &layer.post_attention_norm, self.eps);
+        let gate_up_t = layer.gate_up.forward(normed_t, n)?; // (2 inter, n)
+        let (gate, up) = gate_up_t.split_at(inter * n);
+        let act_t: Vec<f32> = (gate.iter().zip(up))
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u) // SiLU(gate) * up
+            .collect(); // (inter, n)
+        add_into(x_t, &layer.down.forward(act_t, n)?);
+        Ok(())
     }
 
     /// cos and sin (n, head_dim) for each position, as transformers' rotate-half
