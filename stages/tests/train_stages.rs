@@ -452,3 +452,81 @@ fn reward_model_learns_a_separable_preference() {
     let accuracy = ran.metrics["eval_accuracy"].as_f64().unwrap();
     assert!(accuracy > 0.9, "{:?}", ran.metrics);
 }
+
+/// Mean log-prob of each pair's chosen reply under the model saved in `folder`.
+fn chosen_mean_logprob(folder: &Path, rows: &[Row]) -> f32 {
+    use rlhf_stages::model::{completion_logprobs, TokenBatch};
+    let model = CausalLm::load(folder, DType::F32, &Device::Cpu, Trainability::Frozen).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
+    let ids = |text: &str| tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    let mut total = 0.0;
+    for row in rows {
+        let prompt = ids(row.prompt.as_deref().unwrap());
+        let reply = ids(row.chosen.as_deref().unwrap());
+        let sequence = [prompt.as_slice(), reply.as_slice()].concat();
+        let mask: Vec<u32> = (0..sequence.len())
+            .map(|i| u32::from(i >= prompt.len()))
+            .collect();
+        let tensor = |v: Vec<u32>| {
+            candle_core::Tensor::new(v, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        };
+        let batch = TokenBatch {
+            attention_mask: tensor(vec![1; sequence.len()]),
+            completion_mask: tensor(mask),
+            input_ids: tensor(sequence),
+        };
+        let scored = completion_logprobs(&model, &batch).unwrap();
+        let sum: f32 = scored
+            .sequence_logprobs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        total += sum / reply.len() as f32;
+    }
+    total / rows.len() as f32
+}
+
+#[test]
+fn reward_model_lm_loss_keeps_the_chosen_replies_likely() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = vec![
+        ("model", ws.base(), ArtifactKind::Model),
+        ("data", ws.data("prefs"), ArtifactKind::Dataset),
+    ];
+    let params = |coef: f64| {
+        json!({ "model": "base", "data": "prefs", "template": "{prompt}", "learning_rate": 3e-3,
+                "batch_size": 8, "max_steps": 4, "lm_loss_coef": coef })
+    };
+    let plain = ws
+        .run("reward_model", params(0.0), &inputs, "a", "rm_plain")
+        .unwrap();
+    let regularised = ws
+        .run("reward_model", params(5.0), &inputs, "b", "rm_lm")
+        .unwrap();
+    let rows = bench_rows("prefs.jsonl", 32).unwrap();
+    let (plain, regularised) = (
+        chosen_mean_logprob(&plain.output, &rows),
+        chosen_mean_logprob(&regularised.output, &rows),
+    );
+    let base = chosen_mean_logprob(&ws.base(), &rows);
+    assert!(regularised > plain + 0.1, "{regularised} vs {plain}, base {base}");
+}
+
+#[test]
+fn reward_model_refuses_a_negative_lm_loss_coef() {
+    let params: rlhf_stages::kinds::reward_model::RewardModelParams =
+        serde_json::from_value(json!({ "model": "base", "data": "prefs", "lm_loss_coef": -1.0 }))
+            .unwrap();
+    let error =
+        <rlhf_stages::kinds::reward_model::RewardModelStage as rlhf_engine::Stage>::ports(&params)
+            .unwrap_err();
+    assert_eq!(error.param.as_deref(), Some("lm_loss_coef"));
+    assert!(error.message.contains("≥ 0"), "{}", error.message);
+}

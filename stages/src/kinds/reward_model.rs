@@ -10,6 +10,7 @@
 //!   eval: eval_prefs             # optional: held-out pair accuracy, margin, loss
 //!   lora: null                   # or { r: 8, alpha: 16, targets: all-linear }
 //!   logprob_feature: true        # add w · mean log p(reply) to the head's score
+//!   lm_loss_coef: 0.0            # + coef · NLL of the chosen replies (keeps the LM's skill)
 //!   learning_rate: 1.0e-4
 //!   batch_size: 16
 //!   epochs: 1
@@ -68,6 +69,11 @@ pub struct RewardModelParams {
     /// LM head) to the head's score; see the module docs.
     #[serde(default = "default_true")]
     pub logprob_feature: bool,
+    /// Adds this times the chosen replies' mean token NLL to the loss, so the model keeps
+    /// the generative skill its rankings rest on (Yang et al. 2024, "Regularizing Hidden
+    /// States Enables Learning Generalizable Reward Model"; DPO's `rpo_alpha` likewise).
+    #[serde(default)]
+    pub lm_loss_coef: f64,
     /// Keeps rewards near zero: c · mean((r_w + r_l)²) (TRL `center_rewards_coefficient`).
     #[serde(default)]
     pub center_rewards_coefficient: Option<f64>,
@@ -135,6 +141,15 @@ impl Stage for RewardModelStage {
             .settings(0)
             .check()
             .map_err(|(param, message)| PortsError::new(Some(param), message))?;
+        if !(params.lm_loss_coef.is_finite() && params.lm_loss_coef >= 0.0) {
+            return Err(PortsError::new(
+                Some("lm_loss_coef"),
+                format!(
+                    "must be a finite number ≥ 0 (got {}); 0 turns the term off",
+                    params.lm_loss_coef
+                ),
+            ));
+        }
         let prefs = [ArtifactKind::Dataset, ArtifactKind::Preferences];
         let mut inputs = vec![
             InputPort::stage("model", &params.model, ArtifactKind::MODELS),
@@ -201,9 +216,19 @@ impl Stage for RewardModelStage {
                 ),
                 None => None,
             };
-            let (chosen, rejected, tokens) = pair_rewards(&model, &head, &refs, pad, Some(rng))?;
-            let loss = bradley_terry_loss(&chosen, &rejected, margin.as_ref(), center)
+            let want_logprobs = params.lm_loss_coef != 0.0;
+            let (chosen, rejected, chosen_logprobs, tokens) =
+                pair_rewards(&model, &head, &refs, pad, Some(rng), want_logprobs)?;
+            let mut loss = bradley_terry_loss(&chosen, &rejected, margin.as_ref(), center)
                 .or_fail("Bradley–Terry loss")?;
+            if let Some(logprobs) = chosen_logprobs {
+                let nll = logprobs
+                    .mean_all()
+                    .or_fail("chosen NLL")?
+                    .neg()
+                    .or_fail("NLL")?;
+                loss = (loss + (nll * params.lm_loss_coef).or_fail("NLL")?).or_fail("loss")?;
+            }
             let metrics = vec![
                 (
                     "accuracy",
@@ -306,14 +331,16 @@ fn pair_margins(
     Ok(Some(margins))
 }
 
-/// Rewards of chosen and rejected replies, (b,) each, and the real tokens scored.
+/// Rewards of chosen and rejected replies, (b,) each, the chosen replies' mean token
+/// log-probs (b,) when `want_chosen_logprobs`, and the real tokens scored.
 fn pair_rewards(
     model: &CausalLm,
     head: &RewardHead,
     pairs: &[&EncodedPair],
     pad: u32,
     rng: Option<&mut ChaCha8Rng>,
-) -> Result<(Tensor, Tensor, usize), StageError> {
+    want_chosen_logprobs: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>, usize), StageError> {
     let batch = collate_pairs(pairs, pad);
     let device = Device::Cpu;
     let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (2b, t)
@@ -323,13 +350,25 @@ fn pair_rewards(
     let hidden = model
         .hidden_states_with(&ids, Some(&attention), None, &mut rng)
         .or_fail("forward pass")?; // (2b, t, d)
-    let rewards = head
-        .rewards(model, &ids, &hidden, &attention, &replies)
-        .or_fail("reward head")?; // (2b,)
+    let (rewards, logprobs) = head
+        .rewards_and_reply_logprobs(
+            model,
+            &ids,
+            &hidden,
+            &attention,
+            &replies,
+            want_chosen_logprobs,
+        )
+        .or_fail("reward head")?; // (2b,), (2b,)
     let n = pairs.len();
+    let chosen_logprobs = match logprobs.filter(|_| want_chosen_logprobs) {
+        Some(logprobs) => Some(logprobs.narrow(0, 0, n).or_fail("split")?),
+        None => None,
+    };
     Ok((
         rewards.narrow(0, 0, n).or_fail("split")?,
         rewards.narrow(0, n, n).or_fail("split")?,
+        chosen_logprobs,
         batch.real_tokens(),
     ))
 }
@@ -356,7 +395,7 @@ fn evaluate_pairs(
     let (mut chosen_all, mut rejected_all) = (Vec::new(), Vec::new());
     for chunk in pairs.chunks(32) {
         let refs: Vec<&EncodedPair> = chunk.iter().collect();
-        let (chosen, rejected, _) = pair_rewards(model, head, &refs, pad, None)?;
+        let (chosen, rejected, _, _) = pair_rewards(model, head, &refs, pad, None, false)?;
         chosen_all.extend(chosen.detach().to_vec1::<f32>().or_fail("rewards")?);
         rejected_all.extend(rejected.detach().to_vec1::<f32>().or_fail("rewards")?);
     }

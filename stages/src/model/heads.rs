@@ -218,13 +218,32 @@ impl RewardHead {
         attention_mask: &Tensor,
         reply_mask: &Tensor,
     ) -> Result<Tensor> {
+        let (rewards, _) = self.rewards_and_reply_logprobs(
+            model,
+            input_ids,
+            hidden,
+            attention_mask,
+            reply_mask,
+            false,
+        )?;
+        Ok(rewards)
+    }
+
+    /// As [`RewardHead::rewards`], also returning each reply's mean token log-prob (b,)
+    /// when the feature uses it or `want_reply_logprobs` asks (one LM-head pass for both).
+    pub fn rewards_and_reply_logprobs(
+        &self,
+        model: &CausalLm,
+        input_ids: &Tensor,
+        hidden: &Tensor,
+        attention_mask: &Tensor,
+        reply_mask: &Tensor,
+        want_reply_logprobs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let rewards = self.score.rewards(hidden, attention_mask)?; // (b,)
-        let Some(weight) = &self.logprob_weight else {
-            return Ok(rewards);
-        };
         let time = input_ids.dim(1)?;
-        if time < 2 {
-            return Ok(rewards);
+        if (self.logprob_weight.is_none() && !want_reply_logprobs) || time < 2 {
+            return Ok((rewards, None));
         }
         let logits = model.logits(&hidden.narrow(1, 0, time - 1)?)?; // (b, t-1, v)
         let per_token = token_logprobs(&logits, &input_ids.narrow(1, 1, time - 1)?)?; // (b, t-1)
@@ -234,6 +253,10 @@ impl RewardHead {
                 .to_dtype(DType::F32)?)?; // (b, t-1)
         let count = mask.sum(D::Minus1)?.maximum(1.0)?; // (b,)
         let mean = (per_token * &mask)?.sum(D::Minus1)?.div(&count)?; // (b,)
-        Ok((rewards + mean.broadcast_mul(weight)?)?)
+        let rewards = match &self.logprob_weight {
+            Some(weight) => (rewards + mean.broadcast_mul(weight)?)?,
+            None => rewards,
+        };
+        Ok((rewards, Some(mean)))
     }
 }
