@@ -338,8 +338,11 @@ fn reward_head_with_the_logprob_feature_starts_as_the_mean_reply_logprob() {
         .collect();
     let reply = Tensor::from_vec(reply, ids.dims(), &Device::Cpu).unwrap();
     let hidden = model.hidden_states(&ids, Some(&mask), None).unwrap();
-    let rewards = head.rewards(&model, &ids, &hidden, &mask, &reply).unwrap(); // (b,)
+    let (rewards, means) = head
+        .rewards(&model, &ids, &hidden, &mask, &reply, true)
+        .unwrap(); // (b,), (b,)
     let values: Vec<f32> = rewards.to_vec1().unwrap();
+    let means: Vec<f32> = means.unwrap().to_vec1().unwrap();
     for (row, tokens) in rows.iter().enumerate() {
         let expected = mean_reply_logprob(&model, tokens, tokens.len() - 2);
         assert!(
@@ -347,6 +350,7 @@ fn reward_head_with_the_logprob_feature_starts_as_the_mean_reply_logprob() {
             "row {row}: {} vs {expected}",
             values[row]
         );
+        assert!((means[row] - expected).abs() < 1e-5, "row {row}");
     }
     // Both parts learn: the hidden-state head and the feature's weight.
     assert_every_var_has_nonzero_gradient(&varmap, &rewards.sum_all().unwrap());
@@ -354,8 +358,9 @@ fn reward_head_with_the_logprob_feature_starts_as_the_mean_reply_logprob() {
     let tensors = head.checkpoint_tensors().into_iter().collect();
     let reloaded = RewardHead::from_checkpoint(&tensors).unwrap();
     let again = reloaded
-        .rewards(&model, &ids, &hidden, &mask, &reply)
-        .unwrap();
+        .rewards(&model, &ids, &hidden, &mask, &reply, false)
+        .unwrap()
+        .0;
     assert!(max_abs_diff(&rewards, &again) < 1e-7);
 }
 
@@ -368,7 +373,10 @@ fn reward_head_without_the_logprob_feature_is_the_plain_last_token_head() {
     assert_eq!(head.checkpoint_tensors().len(), 1, "score.weight only");
     let (ids, mask) = padded_batch(&sample_rows());
     let hidden = model.hidden_states(&ids, Some(&mask), None).unwrap();
-    let full = head.rewards(&model, &ids, &hidden, &mask, &mask).unwrap();
+    let full = head
+        .rewards(&model, &ids, &hidden, &mask, &mask, false)
+        .unwrap()
+        .0;
     let plain = head.score.rewards(&hidden, &mask).unwrap();
     assert!(max_abs_diff(&full, &plain) < 1e-7);
     assert!(

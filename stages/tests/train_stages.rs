@@ -516,7 +516,10 @@ fn reward_model_lm_loss_keeps_the_chosen_replies_likely() {
         chosen_mean_logprob(&regularised.output, &rows),
     );
     let base = chosen_mean_logprob(&ws.base(), &rows);
-    assert!(regularised > plain + 0.1, "{regularised} vs {plain}, base {base}");
+    assert!(
+        regularised > plain + 0.1,
+        "{regularised} vs {plain}, base {base}"
+    );
 }
 
 #[test]

@@ -351,7 +351,7 @@ fn pair_rewards(
         .hidden_states_with(&ids, Some(&attention), None, &mut rng)
         .or_fail("forward pass")?; // (2b, t, d)
     let (rewards, logprobs) = head
-        .rewards_and_reply_logprobs(
+        .rewards(
             model,
             &ids,
             &hidden,

@@ -209,29 +209,10 @@ impl RewardHead {
 
     /// One reward per sequence of a right-padded batch: `input_ids` (b, t), `hidden` the
     /// model's final hidden states (b, t, d), `attention_mask` (b, t), `reply_mask` (b, t)
-    /// 1 on the reply tokens the log-prob feature averages → (b,) f32. Differentiable.
+    /// 1 on the reply tokens the log-prob feature averages → rewards (b,) f32, and each
+    /// reply's mean token log-prob (b,) when the feature uses it or `want_reply_logprobs`
+    /// asks (one LM-head pass serves both). Differentiable.
     pub fn rewards(
-        &self,
-        model: &CausalLm,
-        input_ids: &Tensor,
-        hidden: &Tensor,
-        attention_mask: &Tensor,
-        reply_mask: &Tensor,
-    ) -> Result<Tensor> {
-        let (rewards, _) = self.rewards_and_reply_logprobs(
-            model,
-            input_ids,
-            hidden,
-            attention_mask,
-            reply_mask,
-            false,
-        )?;
-        Ok(rewards)
-    }
-
-    /// As [`RewardHead::rewards`], also returning each reply's mean token log-prob (b,)
-    /// when the feature uses it or `want_reply_logprobs` asks (one LM-head pass for both).
-    pub fn rewards_and_reply_logprobs(
         &self,
         model: &CausalLm,
         input_ids: &Tensor,

@@ -170,8 +170,9 @@ impl RewardScorer {
                 .or_fail("reward model forward pass")?; // (b, t, d)
             let rewards = self
                 .head
-                .rewards(&self.model, &ids, &hidden, &mask, &reply_mask)
-                .or_fail("reward head")?; // (b,)
+                .rewards(&self.model, &ids, &hidden, &mask, &reply_mask, false)
+                .or_fail("reward head")?
+                .0; // (b,)
             let values: Vec<f32> = rewards.to_vec1().or_fail("reading rewards")?;
             scores.extend(values.into_iter().map(f64::from));
         }
