@@ -101,27 +101,8 @@ enum Command {
         #[command(flatten)]
         pipeline: PipelineArgs,
         stage: String,
-        /// The raw prompt (the model's template is applied to it).
-        #[arg(
-            long,
-            required_unless_present = "interactive",
-            conflicts_with = "interactive"
-        )]
-        prompt: Option<String>,
-        /// Read prompts from stdin, one per line, until EOF.
-        #[arg(long)]
-        interactive: bool,
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
-        /// 0 is greedy decoding.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        #[arg(long)]
-        top_k: Option<usize>,
-        #[arg(long)]
-        top_p: Option<f64>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        options: commands::generate::GenerateOptions,
     },
     /// Serve the page where people label the pairs of a `human`-judged stage (127.0.0.1).
     Label {
@@ -239,31 +220,14 @@ fn main() -> ExitCode {
         Command::Generate {
             pipeline,
             stage,
-            prompt,
-            interactive,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-        } => {
-            let options = commands::generate::GenerateOptions {
-                prompt,
-                interactive,
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                seed,
-            };
-            commands::generate::generate(
-                &pipeline.file,
-                &pipeline.set,
-                &cache_dir,
-                &stage,
-                &options,
-            )
-        }
+            options,
+        } => commands::generate::generate(
+            &pipeline.file,
+            &pipeline.set,
+            &cache_dir,
+            &stage,
+            &options,
+        ),
         Command::Label {
             pipeline,
             stage,

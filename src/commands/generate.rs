@@ -13,14 +13,29 @@ use rlhf_stages::model::GenerationSettings;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-/// Sampling settings from the command line.
+/// What to complete and how to sample: `rlhf generate`'s options.
+#[derive(clap::Args, Debug)]
 pub struct GenerateOptions {
+    /// The raw prompt (the model's template is applied to it).
+    #[arg(
+        long,
+        required_unless_present = "interactive",
+        conflicts_with = "interactive"
+    )]
     pub prompt: Option<String>,
+    /// Read prompts from stdin, one per line, until EOF.
+    #[arg(long)]
     pub interactive: bool,
+    #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    #[arg(long)]
     pub top_k: Option<usize>,
+    #[arg(long)]
     pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 

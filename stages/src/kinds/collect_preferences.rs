@@ -433,16 +433,24 @@ fn make_pairs<'a>(
 
 /// Writes `data.jsonl` (dataset rows) and `pairs.jsonl` (with scores and judge).
 fn write_outputs(dest: &std::path::Path, records: &[PairRecord]) -> Result<(), StageError> {
-    let rows: Vec<Row> = records
-        .iter()
-        .map(|r| Row {
-            prompt: Some(r.prompt.clone()),
-            chosen: Some(r.chosen.clone()),
-            rejected: Some(r.rejected.clone()),
-            margin: Some(r.chosen_score - r.rejected_score),
-            ..Row::default()
-        })
-        .collect();
+    write_preference_artifact(dest, records, |r| Row {
+        prompt: Some(r.prompt.clone()),
+        chosen: Some(r.chosen.clone()),
+        rejected: Some(r.rejected.clone()),
+        margin: Some(r.chosen_score - r.rejected_score),
+        ..Row::default()
+    })
+}
+
+/// A Preferences artifact in `dest`: `data.jsonl` (the dataset row of each record, so
+/// reward_model and dpo read it like any dataset) and `pairs.jsonl` (the records whole,
+/// with whatever scores and provenance the judge kept). Shared with the human judge.
+pub(crate) fn write_preference_artifact<T: Serialize>(
+    dest: &std::path::Path,
+    records: &[T],
+    row_of: impl Fn(&T) -> Row,
+) -> Result<(), StageError> {
+    let rows: Vec<Row> = records.iter().map(row_of).collect();
     write_rows(dest, &rows).or_fail("writing data.jsonl")?;
     let path = dest.join("pairs.jsonl");
     let file = std::fs::File::create(&path).map_err(|e| StageError::io(&path, e))?;

@@ -6,12 +6,11 @@ use super::items::{items_of_prompt, write_items, Item};
 use super::log::{agreement_on, LabelEvent, LabelState};
 use super::{items_path, HumanJudge};
 use crate::data::batch::shuffle;
-use crate::data::row::{write_rows, Row};
+use crate::data::row::Row;
 use crate::train::StageResultExt;
 use rlhf_engine::{StageContext, StageError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 /// One line of `pairs.jsonl` for the human judge.
@@ -167,25 +166,13 @@ fn pair_of(item: &Item, labels: &BTreeMap<&str, &LabelEvent>) -> Option<HumanPai
 }
 
 fn write_pairs(dest: &Path, pairs: &[HumanPair]) -> Result<(), StageError> {
-    let rows: Vec<Row> = pairs
-        .iter()
-        .map(|p| Row {
-            prompt: Some(p.prompt.clone()),
-            chosen: Some(p.chosen.clone()),
-            rejected: Some(p.rejected.clone()),
-            margin: Some(p.margin),
-            ..Row::default()
-        })
-        .collect();
-    write_rows(dest, &rows).or_fail("writing data.jsonl")?;
-    let path = dest.join("pairs.jsonl");
-    let file = std::fs::File::create(&path).map_err(|e| StageError::io(&path, e))?;
-    let mut out = std::io::BufWriter::new(file);
-    for pair in pairs {
-        let line = serde_json::to_string(pair).or_fail("serialising a pair")?;
-        writeln!(out, "{line}").map_err(|e| StageError::io(&path, e))?;
-    }
-    out.flush().map_err(|e| StageError::io(&path, e))
+    crate::kinds::collect_preferences::write_preference_artifact(dest, pairs, |p| Row {
+        prompt: Some(p.prompt.clone()),
+        chosen: Some(p.chosen.clone()),
+        rejected: Some(p.rejected.clone()),
+        margin: Some(p.margin),
+        ..Row::default()
+    })
 }
 
 fn set_metrics(
@@ -324,6 +311,14 @@ mod tests {
         }
     }
 
+    fn read_pairs(out: &Path) -> Vec<HumanPair> {
+        std::fs::read_to_string(out.join("pairs.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     fn rand_suffix() -> u128 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -371,11 +366,7 @@ mod tests {
         fixture.label(&items[1], "bob", 1); // disagrees with ann: mean 0, a tie
         let (result, out, metrics) = fixture.finish();
         result.unwrap();
-        let pairs: Vec<HumanPair> = std::fs::read_to_string(out.join("pairs.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let pairs = read_pairs(&out);
         assert_eq!(pairs.len(), 1);
         let pair = &pairs[0];
         assert_eq!((pair.chosen.as_str(), pair.rejected.as_str()), ("a1", "b1"));
@@ -403,11 +394,7 @@ mod tests {
         fixture.label(&Item::new("p0", "old", "stale"), "ann", 2); // an item of an earlier run
         let (result, out, metrics) = fixture.finish();
         result.unwrap();
-        let pairs: Vec<HumanPair> = std::fs::read_to_string(out.join("pairs.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let pairs = read_pairs(&out);
         assert_eq!(
             (
                 pairs[0].chosen.as_str(),

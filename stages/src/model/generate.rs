@@ -321,18 +321,12 @@ fn descending_key(logit: f32, id: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{LlamaConfig, Trainability};
+    use crate::model::Trainability;
     use candle_core::DType;
 
     #[test]
     fn a_bf16_model_generates_exactly_as_its_weights_converted_to_f32() {
-        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": false, "initializer_range": 0.3
-        }))
-        .unwrap();
+        let config = crate::model::tiny_test_config("llama", false);
         let device = Device::Cpu;
         let bf16 = CausalLm::random(
             config.clone(),

@@ -479,7 +479,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{LlamaConfig, LoraConfig, LoraTargets, Trainability};
+    use crate::model::{LoraConfig, LoraTargets, Trainability};
 
     /// Deterministic, non-trivial values for a tensor of `dims`.
     fn pattern(dims: &[usize], scale: f32) -> Tensor {
@@ -493,13 +493,7 @@ mod tests {
     /// Qwen2 (q/k/v bias, tied embeddings) with grouped-query attention and a LoRA
     /// adapter on every linear, every bias and LoRA B non-zero.
     fn qwen2_with_lora() -> CausalLm {
-        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": true, "initializer_range": 0.3
-        }))
-        .unwrap();
+        let config = crate::model::tiny_test_config("qwen2", true);
         let device = Device::Cpu;
         let mut model =
             CausalLm::random(config, 7, DType::F32, &device, Trainability::Frozen).unwrap();

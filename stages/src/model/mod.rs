@@ -86,3 +86,16 @@ impl ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// A tiny config for the unit tests of this module: hidden 32, 2 layers, 4 query heads
+/// sharing 2 KV heads, vocab 64; `model_type` "llama" or "qwen2" (q/k/v biases).
+#[cfg(test)]
+pub(crate) fn tiny_test_config(model_type: &str, tie_word_embeddings: bool) -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "model_type": model_type, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tie_word_embeddings, "initializer_range": 0.3
+    }))
+    .expect("the tiny test config is valid")
+}
