@@ -12,9 +12,9 @@ pub fn run(
     options: &RunOptions,
     json: bool,
 ) -> i32 {
-    if let Some(threads) = Some(options.threads).filter(|t| *t > 0) {
-        // candle's matmul and rayon read this once, at first use.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    // Before any tensor work: shards run one per thread, candle's per-op threads off.
+    if let Err(message) = rlhf_stages::parallel::use_data_parallel_threads(options.threads) {
+        eprintln!("warning: {message}; shards run one after another");
     }
     let workspace = match Workspace::open(file, overrides, cache_dir) {
         Ok(w) => w,

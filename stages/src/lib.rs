@@ -7,6 +7,7 @@
 //! - [`hub`]: `hf://` references fetched and cached through hf-hub.
 //! - [`report`]: the static HTML report of a pipeline (curves and evaluation tables).
 //! - [`label`]: human preference labelling (the `human` judge, the `rlhf label` server).
+//! - [`parallel`]: data-parallel shards of a batch, one per thread.
 //! - [`kinds`]: one module per stage kind, registered in [`registry`].
 
 pub mod algo;
@@ -16,6 +17,7 @@ pub mod hub;
 pub mod kinds;
 pub mod label;
 pub mod model;
+pub mod parallel;
 pub mod report;
 pub mod rl;
 pub mod testing;

@@ -458,6 +458,41 @@ fn ppo_first_update_is_on_policy_with_no_kl_and_no_clipping() {
 }
 
 #[test]
+fn rl_updates_cut_into_shards_give_the_same_run_as_whole_minibatches() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let rm = tiny_reward_model(&mut ws);
+    let cases = [
+        ("grpo", grpo_params(3), grpo_inputs(&ws), "loss"),
+        ("ppo", ppo_params(3, 2), ppo_inputs(&ws, rm), "value_loss"),
+    ];
+    let values = |lines: &[Value], name: &str| -> Vec<f64> {
+        lines.iter().filter_map(|l| l[name].as_f64()).collect()
+    };
+    for (kind, params, inputs, loss) in cases {
+        let mut lines = Vec::new();
+        for shards in [1, 3] {
+            let mut params = params.clone();
+            params["optimizer"] = json!({ "shards": shards });
+            let tag = format!("{kind}{shards}");
+            lines.push(metric_lines(&ws.run(kind, params, &inputs, &tag, &tag).unwrap()));
+        }
+        let (whole, sharded) = (&lines[0], &lines[1]);
+        for name in [loss, "kl", "entropy", "reward"] {
+            let (a, b) = (values(whole, name), values(sharded, name));
+            assert_eq!(a.len(), 3, "{kind} {name}: {a:?}");
+            assert_eq!(a.len(), b.len(), "{kind} {name}: {a:?} vs {b:?}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-4 * x.abs().max(1.0), "{kind} {name}: {a:?} vs {b:?}");
+            }
+        }
+        // The policy moved between steps, so equal KLs are not trivially zero.
+        assert!(values(whole, "kl").iter().any(|k| *k != 0.0), "{kind}: {whole:?}");
+    }
+}
+
+#[test]
 fn ppo_resumed_from_a_checkpoint_writes_the_same_bytes_as_an_uninterrupted_run() {
     let Some(mut ws) = Workspace::new() else {
         return;

@@ -273,6 +273,39 @@ fn sft_lowers_the_completion_loss_on_its_training_data() {
 }
 
 #[test]
+fn sharding_a_batch_leaves_the_losses_of_the_run_unchanged() {
+    let Some(mut ws) = Workspace::new() else {
+        return;
+    };
+    let inputs = sft_inputs(&ws);
+    let losses = |ws: &mut Workspace, shards: usize, tag: &str| -> Vec<f64> {
+        let mut params = sft_params(6);
+        params["optimizer"] = json!({ "schedule": "constant", "shards": shards });
+        // Dropout masks are drawn per shard, so only a dropout-free run is comparable.
+        params["lora"]["dropout"] = json!(0.0);
+        let ran = ws.run("sft", params, &inputs, tag, "sft").unwrap();
+        std::fs::read_to_string(ran.output.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+            .collect()
+    };
+    let whole = losses(&mut ws, 1, "one");
+    // 3 shards of an odd batch: unequal sizes and token counts, weighted back together.
+    let sharded = losses(&mut ws, 3, "three");
+    assert_eq!(whole.len(), 6);
+    assert_eq!(whole.len(), sharded.len());
+    for (a, b) in whole.iter().zip(&sharded) {
+        assert!(
+            (a - b).abs() < 1e-4 * a.abs().max(1.0),
+            "{whole:?} vs {sharded:?}"
+        );
+    }
+    // The weights matter: the loss did move, so equal losses are not trivially equal.
+    assert!((whole[0] - whole[5]).abs() > 1e-3, "{whole:?}");
+}
+
+#[test]
 fn a_non_finite_loss_stops_the_stage_naming_the_step() {
     let Some(mut ws) = Workspace::new() else {
         return;

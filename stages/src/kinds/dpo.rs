@@ -198,7 +198,7 @@ impl Stage for DpoStage {
         let (model, trained_as) = input.load_trainable(params.lora.as_ref(), &varmap, ctx.seed)?;
         let pad = codec.special.pad;
         let per_token = params.loss == DpoLossType::Ipo;
-        let mut micro_step = |indices: &[usize], rng: &mut rand_chacha::ChaCha8Rng| {
+        let micro_step = |indices: &[usize], rng: &mut rand_chacha::ChaCha8Rng| {
             let refs: Vec<&EncodedPair> = indices.iter().map(|&i| &pairs[i]).collect();
             let batch = collate_pairs(&refs, pad);
             let n = indices.len();
@@ -269,6 +269,7 @@ impl Stage for DpoStage {
             ];
             Ok(MicroBatchOutput {
                 loss,
+                weight: n as f64,
                 tokens: batch.real_tokens(),
                 examples: n,
                 metrics,
@@ -283,7 +284,7 @@ impl Stage for DpoStage {
             &settings,
             &lengths,
             &mut varmap,
-            &mut micro_step,
+            &micro_step,
             &mut evaluate,
         )?;
         log_throughput(ctx, &summary)?;

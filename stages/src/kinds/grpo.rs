@@ -30,6 +30,7 @@ use crate::algo::masked::masked_mean;
 use crate::data::batch::shuffle;
 use crate::data::row::Row;
 use crate::model::{CausalLm, LoraConfig};
+use crate::parallel::{combine_shards, map_shards, shard_rng, split_into_shards, ShardLoss};
 use crate::rl::judge::{RewardScorer, RuleJudge};
 use crate::rl::policy::{
     default_lora, encode_prompts, load_policy, sampling_settings, score_rollouts, Policy,
@@ -41,6 +42,7 @@ use crate::train::model_input::write_trained_model;
 use crate::train::settings::OptimizerParams;
 use crate::train::{read_dataset, StageResultExt};
 use candle_core::{Device, Tensor};
+use rand_chacha::ChaCha8Rng;
 use rlhf_engine::{
     ArtifactKind, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
 };
@@ -368,7 +370,73 @@ fn scalar(t: &Tensor) -> Result<f64, StageError> {
     Ok(t.to_scalar::<f32>().or_fail("reading a metric")? as f64)
 }
 
+/// What the shards of one optimiser update read from.
+struct Minibatch<'a> {
+    batch: &'a SequenceBatch,
+    /// The sampling policy's log-probs (several passes only).
+    old_logprobs: Option<&'a Tensor>,
+    reference_logprobs: Option<&'a Tensor>,
+    advantages: &'a Tensor,
+}
+
 impl GrpoRun<'_> {
+    /// The GRPO loss of rows `rows` of the step's batch, weighted by what it averages.
+    fn shard_loss(
+        &self,
+        policy: &Policy,
+        minibatch: &Minibatch,
+        rows: &[u32],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<ShardLoss, StageError> {
+        let p = self.params;
+        let index = Tensor::new(rows, &Device::Cpu).or_fail("minibatch")?;
+        let shard = minibatch.batch.select(&index)?;
+        let stats = token_stats(&policy.model, &shard, p.temperature, None, Some(rng))?;
+        let pick = |t: &Tensor| t.index_select(&index, 0).or_fail("minibatch");
+        let old = match minibatch.old_logprobs {
+            Some(o) => pick(o)?,
+            None => stats.logprobs.detach(),
+        };
+        let reference = match minibatch.reference_logprobs {
+            Some(r) => Some(pick(r)?),
+            None => None,
+        };
+        let config = GrpoLossConfig {
+            clip_epsilon: p.clip_epsilon,
+            beta: p.beta,
+            aggregation: p.loss_aggregation,
+        };
+        let output = grpo_loss(
+            &stats.logprobs,
+            &old,
+            reference.as_ref(),
+            &pick(minibatch.advantages)?,
+            &shard.response_mask,
+            config,
+        )
+        .or_fail("GRPO loss")?;
+        // The loss is a mean over response tokens or over rows (see LossAggregation).
+        let weight = match p.loss_aggregation {
+            LossAggregation::Token => scalar(&shard.response_mask.sum_all().or_fail("mask")?)?,
+            LossAggregation::Sequence => rows.len() as f64,
+        };
+        let kl = match &output.mean_kl {
+            Some(kl) => scalar(kl)?,
+            None => 0.0,
+        };
+        let entropy =
+            masked_mean(&stats.entropy.detach(), &shard.response_mask).or_fail("entropy")?;
+        Ok(ShardLoss {
+            loss: output.loss,
+            weight,
+            metrics: vec![
+                ("kl", kl),
+                ("clip_ratio", scalar(&output.clip_ratio)?),
+                ("entropy", scalar(&entropy)?),
+            ],
+        })
+    }
+
     fn train(
         &self,
         ctx: &mut StageContext,
@@ -452,6 +520,7 @@ impl GrpoRun<'_> {
         };
         let mut rng = step_rng(seed, step);
         let rows = rollouts.len();
+        let policy = trainer.policy;
         let mut metrics = UpdateMetrics::default();
         let mut update = step * p.iterations * p.mini_batches;
         for _ in 0..p.iterations {
@@ -460,53 +529,42 @@ impl GrpoRun<'_> {
                 shuffle(&mut order, &mut rng);
             }
             for chunk in order.chunks(rows.div_ceil(p.mini_batches)) {
-                let index = Tensor::new(chunk, &Device::Cpu).or_fail("minibatch")?;
-                let minibatch = batch.select(&index)?;
-                let stats = token_stats(
-                    &policy.model,
-                    &minibatch,
-                    p.temperature,
-                    None,
-                    Some(&mut rng),
+                let minibatch = Minibatch {
+                    batch: &batch,
+                    old_logprobs: old_logprobs.as_ref(),
+                    reference_logprobs: reference_logprobs.as_ref(),
+                    advantages: &advantages,
+                };
+                let shards = split_into_shards(chunk, p.optimizer.shards);
+                let pass = update - step * p.iterations * p.mini_batches;
+                let outputs = map_shards(shards.len(), |k| {
+                    self.shard_loss(
+                        policy,
+                        &minibatch,
+                        shards[k],
+                        &mut shard_rng(seed, step, pass, k),
+                    )
+                })
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+                let combined = combine_shards(&outputs).or_fail("reading the loss")?;
+                metrics.grad_norm += apply_update(
+                    trainer,
+                    &combined.weighted_losses,
+                    p.optimizer.max_grad_norm,
+                    update,
                 )?;
-                let old = match &old_logprobs {
-                    Some(o) => o.index_select(&index, 0).or_fail("minibatch")?,
-                    None => stats.logprobs.detach(),
-                };
-                let reference = match &reference_logprobs {
-                    Some(r) => Some(r.index_select(&index, 0).or_fail("minibatch")?),
-                    None => None,
-                };
-                let chunk_advantages = advantages.index_select(&index, 0).or_fail("minibatch")?;
-                let config = GrpoLossConfig {
-                    clip_epsilon: p.clip_epsilon,
-                    beta: p.beta,
-                    aggregation: p.loss_aggregation,
-                };
-                let output = grpo_loss(
-                    &stats.logprobs,
-                    &old,
-                    reference.as_ref(),
-                    &chunk_advantages,
-                    &minibatch.response_mask,
-                    config,
-                )
-                .or_fail("GRPO loss")?;
-                let loss = scalar(&output.loss)?;
-                metrics.grad_norm +=
-                    apply_update(trainer, &output.loss, p.optimizer.max_grad_norm, update)?;
                 update += 1;
                 metrics.count += 1;
-                metrics.loss += loss;
-                metrics.kl += match &output.mean_kl {
-                    Some(kl) => scalar(kl)?,
-                    None => 0.0,
-                };
-                metrics.clip_ratio += scalar(&output.clip_ratio)?;
-                metrics.entropy += scalar(
-                    &masked_mean(&stats.entropy.detach(), &minibatch.response_mask)
-                        .or_fail("entropy")?,
-                )?;
+                metrics.loss += combined.loss;
+                for (name, value) in combined.metrics {
+                    match name {
+                        "kl" => metrics.kl += value,
+                        "clip_ratio" => metrics.clip_ratio += value,
+                        "entropy" => metrics.entropy += value,
+                        _ => {}
+                    }
+                }
             }
         }
         let n = metrics.count.max(1) as f64;

@@ -40,9 +40,10 @@ use crate::algo::ppo::{
 use crate::data::batch::shuffle;
 use crate::data::row::Row;
 use crate::model::{CausalLm, LoraConfig, ScalarHead, ScalarHeadKind};
+use crate::parallel::{combine_shards, map_shards, shard_rng, split_into_shards, ShardLoss};
 use crate::rl::judge::{RewardScorer, RuleJudge};
 use crate::rl::policy::{
-    default_lora, encode_prompts, load_policy, sampling_settings, score_rollouts,
+    default_lora, encode_prompts, load_policy, sampling_settings, score_rollouts, Policy,
 };
 use crate::rl::rl_loop::{apply_update, run_rl_loop, LoopSettings, StepOutput, Trainer};
 use crate::rl::rollout::{frozen_logprobs, sample_rollouts, token_stats, SequenceBatch};
@@ -51,6 +52,7 @@ use crate::train::model_input::write_trained_model;
 use crate::train::settings::OptimizerParams;
 use crate::train::{read_dataset, StageResultExt};
 use candle_core::{DType, Device, Tensor};
+use rand_chacha::ChaCha8Rng;
 use rlhf_engine::{
     ArtifactKind, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
 };
@@ -497,6 +499,69 @@ impl PpoRun<'_> {
         })
     }
 
+    /// The PPO loss (clipped policy loss + value_coef × value loss − entropy_coef ×
+    /// entropy) of rows `rows` of the experience, a mean over their response tokens.
+    fn shard_loss(
+        &self,
+        policy: &Policy,
+        experience: &Experience,
+        rows: &[u32],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<ShardLoss, StageError> {
+        let p = self.params;
+        let index = Tensor::new(rows, &Device::Cpu).or_fail("minibatch")?;
+        let pick = |t: &Tensor| {
+            t.contiguous()
+                .and_then(|t| t.index_select(&index, 0))
+                .or_fail("minibatch")
+        };
+        let minibatch = experience.batch.select(&index)?;
+        let mask = &minibatch.response_mask;
+        let stats = token_stats(
+            &policy.model,
+            &minibatch,
+            p.temperature,
+            Some(self.value_head),
+            Some(rng),
+        )?;
+        let values = stats
+            .values
+            .ok_or_else(|| StageError::failed("the value head returned nothing"))?;
+        let policy_loss = ppo_policy_loss(
+            &stats.logprobs,
+            &pick(&experience.old_logprobs)?,
+            &pick(&experience.advantages)?,
+            mask,
+            p.clip_epsilon,
+        )
+        .or_fail("policy loss")?;
+        let value_loss = ppo_value_loss(
+            &values,
+            &pick(&experience.old_values)?,
+            &pick(&experience.returns)?,
+            mask,
+            p.value_clip,
+        )
+        .or_fail("value loss")?;
+        let entropy = masked_mean(&stats.entropy, mask).or_fail("entropy")?;
+        let loss = (&policy_loss.loss
+            + value_loss.loss.affine(p.value_coef, 0.0).or_fail("loss")?)
+        .and_then(|l| l - entropy.affine(p.entropy_coef, 0.0)?)
+        .or_fail("loss")?;
+        Ok(ShardLoss {
+            loss,
+            weight: scalar(&mask.sum_all().or_fail("mask")?)?,
+            metrics: vec![
+                ("policy_loss", scalar(&policy_loss.loss)?),
+                ("value_loss", scalar(&value_loss.loss)?),
+                ("clip_fraction", scalar(&policy_loss.clip_fraction)?),
+                ("value_clip_fraction", scalar(&value_loss.clip_fraction)?),
+                ("approx_kl", scalar(&policy_loss.approx_kl)?),
+                ("entropy", scalar(&entropy.detach())?),
+            ],
+        })
+    }
+
     /// `ppo_epochs` passes of `mini_batches` updates over one experience batch.
     fn update(
         &self,
@@ -508,68 +573,51 @@ impl PpoRun<'_> {
         let p = self.params;
         let rows = experience.batch.rows();
         let mut rng = step_rng(seed, step);
+        let policy = trainer.policy;
         let mut metrics = UpdateMetrics::default();
         let mut update = step * p.ppo_epochs * p.mini_batches;
         for _ in 0..p.ppo_epochs {
             let mut order: Vec<u32> = (0..rows as u32).collect();
             shuffle(&mut order, &mut rng);
             for chunk in order.chunks(rows.div_ceil(p.mini_batches)) {
-                let index = Tensor::new(chunk, &Device::Cpu).or_fail("minibatch")?;
-                let pick = |t: &Tensor| {
-                    t.contiguous()
-                        .and_then(|t| t.index_select(&index, 0))
-                        .or_fail("minibatch")
-                };
-                let minibatch = experience.batch.select(&index)?;
-                let mask = &minibatch.response_mask;
-                let stats = token_stats(
-                    &trainer.policy.model,
-                    &minibatch,
-                    p.temperature,
-                    Some(self.value_head),
-                    Some(&mut rng),
-                )?;
-                let values = stats
-                    .values
-                    .ok_or_else(|| StageError::failed("the value head returned nothing"))?;
-                let policy_loss = ppo_policy_loss(
-                    &stats.logprobs,
-                    &pick(&experience.old_logprobs)?,
-                    &pick(&experience.advantages)?,
-                    mask,
-                    p.clip_epsilon,
-                )
-                .or_fail("policy loss")?;
-                let value_loss = ppo_value_loss(
-                    &values,
-                    &pick(&experience.old_values)?,
-                    &pick(&experience.returns)?,
-                    mask,
-                    p.value_clip,
-                )
-                .or_fail("value loss")?;
-                let entropy = masked_mean(&stats.entropy, mask).or_fail("entropy")?;
-                let loss = (&policy_loss.loss
-                    + value_loss.loss.affine(p.value_coef, 0.0).or_fail("loss")?)
-                .and_then(|l| l - entropy.affine(p.entropy_coef, 0.0)?)
-                .or_fail("loss")?;
-                let total = scalar(&loss)?;
-                if !total.is_finite() {
+                let shards = split_into_shards(chunk, p.optimizer.shards);
+                let pass = update - step * p.ppo_epochs * p.mini_batches;
+                let outputs = map_shards(shards.len(), |k| {
+                    self.shard_loss(
+                        policy,
+                        experience,
+                        shards[k],
+                        &mut shard_rng(seed, step, pass, k),
+                    )
+                })
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+                let combined = combine_shards(&outputs).or_fail("reading the loss")?;
+                if !combined.loss.is_finite() {
                     return Err(StageError::failed_with_hint(
-                        format!("ppo: the loss became {total} at step {}", step + 1),
+                        format!("ppo: the loss became {} at step {}", combined.loss, step + 1),
                         "lower `learning_rate` or set `score_clip`; a rerun resumes from the last checkpoint",
                     ));
                 }
-                metrics.grad_norm +=
-                    apply_update(trainer, &loss, p.optimizer.max_grad_norm, update)?;
+                metrics.grad_norm += apply_update(
+                    trainer,
+                    &combined.weighted_losses,
+                    p.optimizer.max_grad_norm,
+                    update,
+                )?;
                 update += 1;
                 metrics.count += 1;
-                metrics.policy_loss += scalar(&policy_loss.loss)?;
-                metrics.value_loss += scalar(&value_loss.loss)?;
-                metrics.clip_fraction += scalar(&policy_loss.clip_fraction)?;
-                metrics.value_clip_fraction += scalar(&value_loss.clip_fraction)?;
-                metrics.approx_kl += scalar(&policy_loss.approx_kl)?;
-                metrics.entropy += scalar(&entropy.detach())?;
+                for (name, value) in combined.metrics {
+                    match name {
+                        "policy_loss" => metrics.policy_loss += value,
+                        "value_loss" => metrics.value_loss += value,
+                        "clip_fraction" => metrics.clip_fraction += value,
+                        "value_clip_fraction" => metrics.value_clip_fraction += value,
+                        "approx_kl" => metrics.approx_kl += value,
+                        "entropy" => metrics.entropy += value,
+                        _ => {}
+                    }
+                }
             }
         }
         Ok(metrics)

@@ -151,15 +151,16 @@ impl Stage for PretrainStage {
         let mut varmap = VarMap::new();
         let (model, _) = input.load_trainable(None, &varmap, ctx.seed)?;
         let pad = codec.special.pad;
-        let mut micro_step = |indices: &[usize], rng: &mut rand_chacha::ChaCha8Rng| {
+        let micro_step = |indices: &[usize], rng: &mut rand_chacha::ChaCha8Rng| {
             let refs: Vec<&[u32]> = indices.iter().map(|&i| texts[i].as_slice()).collect();
             let batch = collate_texts(&refs, pad);
             let device = Device::Cpu;
             let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (b, t)
             let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (b, t)
-            let loss = next_token_loss(&model, &ids, &attention, &attention, rng)?;
+            let (loss, scored_tokens) = next_token_loss(&model, &ids, &attention, &attention, rng)?;
             Ok(MicroBatchOutput {
                 loss,
+                weight: scored_tokens,
                 tokens: batch.real_tokens(),
                 examples: indices.len(),
                 metrics: Vec::new(),
@@ -174,7 +175,7 @@ impl Stage for PretrainStage {
             &settings,
             &lengths,
             &mut varmap,
-            &mut micro_step,
+            &micro_step,
             &mut evaluate,
         )?;
         log_throughput(ctx, &summary)?;

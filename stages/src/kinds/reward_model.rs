@@ -204,7 +204,7 @@ impl Stage for RewardModelStage {
         .or_fail("creating the reward head")?;
         let lengths: Vec<usize> = pairs.iter().map(pair_length).collect();
         let center = params.center_rewards_coefficient;
-        let mut micro_step = |indices: &[usize], rng: &mut ChaCha8Rng| {
+        let micro_step = |indices: &[usize], rng: &mut ChaCha8Rng| {
             let refs: Vec<&EncodedPair> = indices.iter().map(|&i| &pairs[i]).collect();
             let margin = match &margins {
                 Some(m) => Some(
@@ -238,6 +238,7 @@ impl Stage for RewardModelStage {
             ];
             Ok(MicroBatchOutput {
                 loss,
+                weight: indices.len() as f64,
                 tokens,
                 examples: indices.len(),
                 metrics,
@@ -250,7 +251,7 @@ impl Stage for RewardModelStage {
             &settings,
             &lengths,
             &mut varmap,
-            &mut micro_step,
+            &micro_step,
             &mut evaluate,
         )?;
         log_throughput(ctx, &summary)?;

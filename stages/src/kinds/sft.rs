@@ -184,7 +184,7 @@ impl Stage for SftStage {
         let (model, trained_as) = input.load_trainable(params.lora.as_ref(), &varmap, ctx.seed)?;
         let pad = codec.special.pad;
         let completion_only = params.completion_only;
-        let mut micro_step = |indices: &[usize], rng: &mut rand_chacha::ChaCha8Rng| {
+        let micro_step = |indices: &[usize], rng: &mut rand_chacha::ChaCha8Rng| {
             let refs: Vec<&EncodedExample> = indices.iter().map(|&i| &examples[i]).collect();
             let batch = collate_examples(&refs, pad);
             let device = Device::Cpu;
@@ -195,9 +195,10 @@ impl Stage for SftStage {
             } else {
                 attention.clone()
             };
-            let loss = next_token_loss(&model, &ids, &attention, &loss_mask, rng)?;
+            let (loss, scored_tokens) = next_token_loss(&model, &ids, &attention, &loss_mask, rng)?;
             Ok(MicroBatchOutput {
                 loss,
+                weight: scored_tokens,
                 tokens: batch.real_tokens(),
                 examples: indices.len(),
                 metrics: Vec::new(),
@@ -212,7 +213,7 @@ impl Stage for SftStage {
             &settings,
             &lengths,
             &mut varmap,
-            &mut micro_step,
+            &micro_step,
             &mut evaluate,
         )?;
         log_throughput(ctx, &summary)?;

@@ -128,15 +128,17 @@ pub fn run_rl_loop(
     Ok(log)
 }
 
-/// Clips the gradients, sets the scheduled learning rate of update `update` and steps.
-/// Returns the gradient norm before clipping.
+/// Backpropagates the weighted shard losses (see [`crate::parallel`]), clips the
+/// gradients, sets the scheduled learning rate of update `update` and steps. Returns
+/// the gradient norm before clipping.
 pub fn apply_update(
     trainer: &mut Trainer,
-    loss: &candle_core::Tensor,
+    weighted_losses: &[(candle_core::Tensor, f64)],
     max_grad_norm: Option<f64>,
     update: usize,
 ) -> Result<f64, StageError> {
-    let mut grads = loss.backward().or_fail("backward pass")?;
+    let mut grads = crate::parallel::weighted_backward(weighted_losses, trainer.vars)
+        .or_fail("backward pass")?;
     let max_norm = max_grad_norm.unwrap_or(f64::INFINITY);
     let grad_norm = crate::algo::optim::clip_grad_norm(trainer.vars, &mut grads, max_norm)
         .or_fail("clipping gradients")?;

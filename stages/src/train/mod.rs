@@ -49,23 +49,31 @@ use rlhf_engine::StageError;
 /// Next-token cross-entropy of a right-padded batch, averaged over the target tokens
 /// where `loss_mask` is 1 (position t predicts token t+1), with LoRA dropout drawn from
 /// `rng`. The loss of pretraining (mask = attention) and SFT (mask = completion).
+/// Returns the loss and the number of tokens it averages.
 pub fn next_token_loss(
     model: &crate::model::CausalLm,
     ids: &candle_core::Tensor,
     attention: &candle_core::Tensor,
     loss_mask: &candle_core::Tensor,
     rng: &mut rand_chacha::ChaCha8Rng,
-) -> Result<candle_core::Tensor, StageError> {
+) -> Result<(candle_core::Tensor, f64), StageError> {
     let time = ids.dim(1).or_fail("batch")?;
     let logits = model
         .forward_train(ids, Some(attention), None, rng)
         .or_fail("forward pass")?; // (b, t, v)
-    crate::algo::lm::masked_token_cross_entropy(
+    let target_mask = loss_mask.narrow(1, 1, time - 1).or_fail("shift")?; // (b, t-1)
+    let scored = target_mask
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|m| m.sum_all())
+        .and_then(|m| m.to_scalar::<f32>())
+        .or_fail("counting scored tokens")? as f64;
+    let loss = crate::algo::lm::masked_token_cross_entropy(
         &logits.narrow(1, 0, time - 1).or_fail("shift")?, // (b, t-1, v)
         &ids.narrow(1, 1, time - 1).or_fail("shift")?,    // (b, t-1)
-        &loss_mask.narrow(1, 1, time - 1).or_fail("shift")?,
+        &target_mask,
     )
-    .or_fail("next-token loss")
+    .or_fail("next-token loss")?;
+    Ok((loss, scored))
 }
 
 /// Turns any error into a [`StageError`] that says what was being done.

@@ -33,6 +33,11 @@ pub struct OptimizerParams {
     /// Micro-batches of `batch_size` summed into one optimiser step.
     #[serde(default = "default_accumulation")]
     pub gradient_accumulation_steps: usize,
+    /// Each micro-batch is cut into this many shards whose passes run in parallel, one
+    /// per thread, and whose gradients are summed. A recipe setting, not the core count,
+    /// so results do not depend on the machine; more shards than cores still works.
+    #[serde(default = "default_shards")]
+    pub shards: usize,
 }
 
 fn default_weight_decay() -> f64 {
@@ -53,6 +58,9 @@ fn default_max_grad_norm() -> Option<f64> {
 fn default_accumulation() -> usize {
     1
 }
+fn default_shards() -> usize {
+    2
+}
 
 impl Default for OptimizerParams {
     fn default() -> Self {
@@ -65,6 +73,7 @@ impl Default for OptimizerParams {
             warmup_steps: 0,
             max_grad_norm: default_max_grad_norm(),
             gradient_accumulation_steps: default_accumulation(),
+            shards: default_shards(),
         }
     }
 }
@@ -132,6 +141,9 @@ impl TrainSettings {
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(("learning_rate", "must be a positive number".into()));
+        }
+        if self.optimizer.shards == 0 {
+            return Err(("optimizer.shards", "must be at least 1".into()));
         }
         if self.optimizer.gradient_accumulation_steps == 0 {
             return Err((

@@ -6,12 +6,17 @@
 //! The loop owns no model: the closure does the forward pass, so each kind's file shows
 //! its own loss in full. Micro-batch `k` of the whole run is the `k`-th batch of the
 //! epochs' seeded batch lists laid end to end, so resuming at step `s` only needs `s`.
+//! Each micro-batch is cut into `optimizer.shards` shards computed in parallel
+//! ([`crate::parallel`]) and weighted so the step equals the unsharded one.
 
 use super::checkpoint::{load_latest_checkpoint, new_state, save_checkpoint, MetricLine};
 use super::settings::TrainSettings;
 use super::StageResultExt;
 use crate::algo::optim::{clip_grad_norm, AdamW};
 use crate::data::batch::epoch_batches;
+use crate::parallel::{
+    combine_shards, map_shards, shard_rng, split_into_shards, weighted_backward, ShardLoss,
+};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
@@ -20,10 +25,13 @@ use rand_chacha::ChaCha8Rng;
 use rlhf_engine::{StageContext, StageError};
 use std::time::Instant;
 
-/// What one micro-batch reports back to the loop.
+/// What one micro-batch (or shard of one) reports back to the loop.
 pub struct MicroBatchOutput {
     /// Scalar, differentiable: the mean loss of this micro-batch.
     pub loss: Tensor,
+    /// How many terms `loss` is the mean of (scored tokens, pairs): the shards of a
+    /// micro-batch are weighted by it, so their combination is the whole batch's mean.
+    pub weight: f64,
     /// Real (non-padding) tokens processed.
     pub tokens: usize,
     /// Examples (or pairs) processed.
@@ -111,7 +119,7 @@ pub fn run_training(
     settings: &TrainSettings,
     lengths: &[usize],
     varmap: &mut VarMap,
-    micro_step: &mut dyn FnMut(&[usize], &mut ChaCha8Rng) -> Result<MicroBatchOutput, StageError>,
+    micro_step: &(dyn Fn(&[usize], &mut ChaCha8Rng) -> Result<MicroBatchOutput, StageError> + Sync),
     evaluate: &mut dyn FnMut(usize) -> Result<Vec<(&'static str, f64)>, StageError>,
 ) -> Result<TrainSummary, StageError> {
     let (micro_batches, total_steps) = plan_micro_batches(lengths, settings);
@@ -151,23 +159,40 @@ pub fn run_training(
         let step_started = Instant::now();
         let first = step * accumulation;
         let batches = &micro_batches[first..(first + accumulation).min(micro_batches.len())];
-        let mut rng = step_rng(settings.seed, step);
         let mut grads: Option<GradStore> = None;
         let (mut loss_sum, mut tokens, mut examples) = (0.0, 0, 0);
         let mut extra: Vec<(&'static str, f64)> = Vec::new();
-        for batch in batches {
-            let output = micro_step(batch, &mut rng)?;
-            let loss_value = output.loss.to_scalar::<f32>().or_fail("reading the loss")? as f64;
-            if !loss_value.is_finite() {
-                return Err(non_finite(ctx, step + 1, loss_value));
+        for (micro, batch) in batches.iter().enumerate() {
+            let shards = split_into_shards(batch, settings.optimizer.shards);
+            let outputs = map_shards(shards.len(), |k| {
+                micro_step(shards[k], &mut shard_rng(settings.seed, step, micro, k))
+            })
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+            tokens += outputs.iter().map(|o| o.tokens).sum::<usize>();
+            examples += outputs.iter().map(|o| o.examples).sum::<usize>();
+            let shard_losses: Vec<ShardLoss> = outputs
+                .into_iter()
+                .map(|o| ShardLoss {
+                    loss: o.loss,
+                    weight: o.weight,
+                    metrics: o.metrics,
+                })
+                .collect();
+            let combined = combine_shards(&shard_losses).or_fail("reading the loss")?;
+            if !combined.loss.is_finite() {
+                return Err(non_finite(ctx, step + 1, combined.loss));
             }
-            let scaled = (output.loss / batches.len() as f64).or_fail("scaling the loss")?;
-            let new_grads = scaled.backward().or_fail("backward pass")?;
+            // Micro-batches count equally in the step, as before sharding.
+            let weighted: Vec<(Tensor, f64)> = combined
+                .weighted_losses
+                .into_iter()
+                .map(|(loss, share)| (loss, share / batches.len() as f64))
+                .collect();
+            let new_grads = weighted_backward(&weighted, &vars).or_fail("backward pass")?;
             grads = Some(accumulate(grads, new_grads, &vars)?);
-            loss_sum += loss_value;
-            tokens += output.tokens;
-            examples += output.examples;
-            add_metrics(&mut extra, &output.metrics, batches.len());
+            loss_sum += combined.loss;
+            add_metrics(&mut extra, &combined.metrics, batches.len());
         }
         let mut grads = grads.ok_or_else(|| StageError::failed("a step with no micro-batches"))?;
         let grad_norm = match settings.optimizer.max_grad_norm {

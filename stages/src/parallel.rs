@@ -1,0 +1,227 @@
+//! Data parallelism on CPU: a batch is cut into a fixed number of shards whose forward
+//! and backward passes run at the same time, one per thread, and whose gradients are
+//! summed into one optimiser step.
+//!
+//! Why not candle's own threading: on the BENCH.md model (hidden 256) its per-op threads
+//! made a training step only 1.16× faster on 2 cores than one thread, since matrices
+//! this small split badly, while two single-threaded shards made it 1.7× faster. The two
+//! do not nest: gemm's rayon tasks inside shard tasks made a step 25 % slower than no
+//! sharding at all. So the `rlhf` binary turns candle's per-op threading off
+//! ([`use_data_parallel_threads`]), and shards run in parallel only then; anywhere else
+//! (unit tests, library users) they run one after another, with the same result.
+//!
+//! The shard count comes from the recipe, not from the machine: the numbers a recipe
+//! produces do not depend on how many cores ran it.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Makes this process run shards in parallel on `threads` threads, with candle's own
+/// per-op threading off. Call it once, first thing, before any tensor work: it sets
+/// `RAYON_NUM_THREADS=1` (candle reads it at every matmul), which is only sound while no
+/// other thread reads the environment.
+pub fn use_data_parallel_threads(threads: usize) -> Result<(), String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build_global()
+        .map_err(|e| format!("starting {threads} compute threads: {e}"))?;
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    Ok(())
+}
+
+/// Whether shards run at the same time: only when candle's per-op threading is off and
+/// the pool has more than one thread (see the module docs for why).
+pub fn shards_run_in_parallel() -> bool {
+    candle_core::utils::get_num_threads() == 1 && rayon::current_num_threads() > 1
+}
+
+/// `items` cut into at most `shards` contiguous, non-empty parts whose sizes differ by
+/// at most one (fewer parts when there are fewer items).
+pub fn split_into_shards<T>(items: &[T], shards: usize) -> Vec<&[T]> {
+    let parts = shards.clamp(1, items.len().max(1));
+    let (base, extra) = (items.len() / parts, items.len() % parts);
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for part in 0..parts {
+        let len = base + usize::from(part < extra);
+        if len > 0 {
+            out.push(&items[start..start + len]);
+        }
+        start += len;
+    }
+    out
+}
+
+/// `work(0) .. work(count - 1)`, in parallel when [`shards_run_in_parallel`], else in
+/// order; results come back in index order either way.
+pub fn map_shards<T: Send>(count: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    if count > 1 && shards_run_in_parallel() {
+        use rayon::prelude::*;
+        (0..count).into_par_iter().map(&work).collect()
+    } else {
+        (0..count).map(work).collect()
+    }
+}
+
+/// The randomness (LoRA dropout) of shard `shard` of pass `pass` of step `step`: a key
+/// of its own, apart from the step's other draws (data order), and a stretch of 2^40
+/// words per shard, so shards draw the same numbers whichever thread runs them.
+pub fn shard_rng(seed: u64, step: usize, pass: usize, shard: usize) -> ChaCha8Rng {
+    const SHARD_KEY: u64 = 0x5348_4152_4453; // "SHARDS": keeps these streams apart
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ SHARD_KEY);
+    rng.set_stream(step as u64);
+    rng.set_word_pos(((pass as u128) << 48) | ((shard as u128) << 40));
+    rng
+}
+
+/// One shard's differentiable loss, how many terms it is the mean of (scored tokens,
+/// rows, pairs) and metrics that average the same way.
+pub struct ShardLoss {
+    pub loss: Tensor,
+    pub weight: f64,
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// The shards of one batch put back together.
+pub struct CombinedShards {
+    /// Each shard's loss with its share, weight / Σ weights: backpropagating the
+    /// weighted sum gives the whole batch's gradient.
+    pub weighted_losses: Vec<(Tensor, f64)>,
+    /// The whole batch's mean loss.
+    pub loss: f64,
+    /// Metrics combined with the same shares.
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// Combines shards by their weights (equally when every weight is 0, e.g. a batch
+/// with nothing to score).
+pub fn combine_shards(shards: &[ShardLoss]) -> candle_core::Result<CombinedShards> {
+    let total: f64 = shards.iter().map(|s| s.weight).sum();
+    let mut combined = CombinedShards {
+        weighted_losses: Vec::with_capacity(shards.len()),
+        loss: 0.0,
+        metrics: Vec::new(),
+    };
+    for shard in shards {
+        let share = if total > 0.0 {
+            shard.weight / total
+        } else {
+            1.0 / shards.len() as f64
+        };
+        combined.loss += share * shard.loss.to_scalar::<f32>()? as f64;
+        for (name, value) in &shard.metrics {
+            match combined.metrics.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => *v += share * value,
+                None => combined.metrics.push((name, share * value)),
+            }
+        }
+        combined.weighted_losses.push((shard.loss.clone(), share));
+    }
+    Ok(combined)
+}
+
+/// Backpropagates each `(loss, weight)` as `loss × weight` (in parallel, as
+/// [`map_shards`]) and sums the gradients of `vars`, in shard order so the sum is the
+/// same however the shards ran.
+pub fn weighted_backward(losses: &[(Tensor, f64)], vars: &[Var]) -> candle_core::Result<GradStore> {
+    let stores = map_shards(losses.len(), |k| {
+        let (loss, weight) = &losses[k];
+        (loss * *weight)?.backward()
+    });
+    let mut sum = GradStore::default();
+    for store in stores {
+        let store = store?;
+        for var in vars {
+            let Some(grad) = store.get(var.as_tensor()) else {
+                continue;
+            };
+            let total = match sum.get(var.as_tensor()) {
+                Some(previous) => (previous + grad)?,
+                None => grad.clone(),
+            };
+            sum.insert(var.as_tensor(), total);
+        }
+    }
+    Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn shards_are_contiguous_nearly_equal_and_never_empty() {
+        let items: Vec<usize> = (0..7).collect();
+        let parts = split_into_shards(&items, 3);
+        assert_eq!(parts, vec![&[0, 1, 2][..], &[3, 4], &[5, 6]]);
+        assert_eq!(split_into_shards(&items[..2], 4), vec![&[0][..], &[1]]);
+        assert_eq!(split_into_shards(&items, 1), vec![&items[..]]);
+        assert!(split_into_shards::<usize>(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn shard_results_come_back_in_index_order() {
+        assert_eq!(map_shards(5, |k| k * 10), vec![0, 10, 20, 30, 40]);
+    }
+
+    #[test]
+    fn shards_combine_by_weight_and_fall_back_to_equal_shares() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let shard = |loss: f32, weight: f64, accuracy: f64| -> candle_core::Result<ShardLoss> {
+            Ok(ShardLoss {
+                loss: Tensor::new(loss, &device)?,
+                weight,
+                metrics: vec![("accuracy", accuracy)],
+            })
+        };
+        let combined = combine_shards(&[shard(1.0, 3.0, 1.0)?, shard(2.0, 1.0, 0.0)?])?;
+        assert!((combined.loss - 1.25).abs() < 1e-9);
+        assert_eq!(combined.metrics, vec![("accuracy", 0.75)]);
+        assert_eq!(combined.weighted_losses[1].1, 0.25);
+        let unweighted = combine_shards(&[shard(1.0, 0.0, 1.0)?, shard(2.0, 0.0, 0.0)?])?;
+        assert!((unweighted.loss - 1.5).abs() < 1e-9);
+        Ok(())
+    }
+
+    #[test]
+    fn shard_streams_differ_and_do_not_depend_on_order() {
+        use rand::Rng;
+        let draw = |step, pass, shard| shard_rng(7, step, pass, shard).random::<u64>();
+        assert_eq!(draw(3, 0, 1), draw(3, 0, 1));
+        let all = [draw(3, 0, 0), draw(3, 0, 1), draw(3, 1, 0), draw(4, 0, 0)];
+        for i in 0..all.len() {
+            for j in i + 1..all.len() {
+                assert_ne!(all[i], all[j]);
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_shard_gradients_equal_the_whole_batch_gradient() -> candle_core::Result<()> {
+        // mean over 5 values of (w·x)², split 3 + 2 and weighted by shard size / 5.
+        let device = Device::Cpu;
+        let w = Var::new(&[0.5f32, -1.5], &device)?;
+        let x = Tensor::new(
+            &[[1f32, 2.], [3., -1.], [0.5, 0.5], [2., 2.], [-1., 4.]],
+            &device,
+        )?;
+        let loss_of = |rows: &Tensor| -> candle_core::Result<Tensor> {
+            rows.broadcast_mul(w.as_tensor())?.sum(1)?.sqr()?.mean_all()
+        };
+        let whole = loss_of(&x)?.backward()?;
+        let shards = vec![
+            (loss_of(&x.narrow(0, 0, 3)?)?, 3.0 / 5.0),
+            (loss_of(&x.narrow(0, 3, 2)?)?, 2.0 / 5.0),
+        ];
+        let summed = weighted_backward(&shards, &[w.clone()])?;
+        let expected = whole.get(w.as_tensor()).expect("grad").to_vec1::<f32>()?;
+        let got = summed.get(w.as_tensor()).expect("grad").to_vec1::<f32>()?;
+        for (e, g) in expected.iter().zip(&got) {
+            assert!((e - g).abs() < 1e-5, "{expected:?} vs {got:?}");
+        }
+        Ok(())
+    }
+}
