@@ -2,11 +2,12 @@
 //! projections (optionally carrying a LoRA adapter), RMSNorm, grouped-query attention,
 //! the SiLU-gated MLP and the decoder layer. (Generation's cached decoder: `kv_cache`.)
 
+use super::fused;
 use super::lora::LoraAdapter;
-use super::rope::{apply_rope, RopeTables};
+use super::rope::RopeTables;
 use super::weights::WeightSource;
 use super::{LlamaConfig, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use rand_chacha::ChaCha8Rng;
 
 /// Randomness for LoRA dropout; `None` means evaluation (no dropout).
@@ -80,12 +81,9 @@ impl RmsNorm {
         })
     }
 
+    /// One fused pass for f32 on the CPU (`fused::rms_norm`), the composite otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x32 = x.to_dtype(DType::F32)?;
-        let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
-        let normed = x32.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
-        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+        fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -159,8 +157,15 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?) // (b, n, t, d)
         };
-        let q = apply_rope(&split(self.q_proj.forward(x, rng)?, heads)?, rope)?; // (b, h, t, d)
-        let k = apply_rope(&split(self.k_proj.forward(x, rng)?, kv_heads)?, rope)?; // (b, kvh, t, d)
+        // Splitting into heads and rotating is one pass (no transposed copy).
+        let q =
+            fused::rope_split_heads(&self.q_proj.forward(x, rng)?, &rope.cos, &rope.sin, heads)?; // (b, h, t, d)
+        let k = fused::rope_split_heads(
+            &self.k_proj.forward(x, rng)?,
+            &rope.cos,
+            &rope.sin,
+            kv_heads,
+        )?; // (b, kvh, t, d)
         let v = split(self.v_proj.forward(x, rng)?, kv_heads)?; // (b, kvh, t, d)
         let keys_len = k.dim(2)?;
         // Grouped-query attention without copying k/v: query head h uses kv head
@@ -168,11 +173,10 @@ impl Attention {
         let n_rep = heads / kv_heads;
         let q = q.reshape((batch, kv_heads, n_rep * time, head_dim))?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, kvh, n_rep*t, s)
-        let scores = scores
-            .reshape((batch, heads, time, keys_len))?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?; // (b, h, t, s)
+        let scores = q
+            .matmul(&k.t()?)? // (b, kvh, n_rep*t, s)
+            .reshape((batch, heads, time, keys_len))?;
+        let probs = fused::masked_softmax(&scores, mask, scale)?; // (b, h, t, s)
         let probs = probs.reshape((batch, kv_heads, n_rep * time, keys_len))?;
         let context = probs.matmul(&v)?; // (b, kvh, n_rep*t, d)
         let context = context
@@ -205,9 +209,9 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor, rng: DropoutRng) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, rng)?.silu()?; // (b, t, inter)
+        let gate = self.gate_proj.forward(x, rng)?; // (b, t, inter)
         let up = self.up_proj.forward(x, rng)?;
-        self.down_proj.forward(&(gate * up)?, rng)
+        self.down_proj.forward(&fused::silu_mul(&gate, &up)?, rng)
     }
 }
 

@@ -3,24 +3,19 @@
 //! GRPO (per-token ratios) and KL penalties.
 
 use super::causal_lm::CausalLm;
+use super::fused;
 use super::Result;
 use candle_core::{DType, Tensor, D};
 
 /// `log_softmax(logits)[targets]`: logits (b, t, vocab), targets (b, t) u32 → (b, t) f32.
+/// One fused pass per direction for f32 on the CPU (`fused::token_logprobs`).
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?; // (b, t, v)
-                                                                                            // gather needs a contiguous index on CPU (../shared/NOTES.md).
-    let index = targets
-        .to_dtype(DType::U32)?
-        .unsqueeze(D::Minus1)?
-        .contiguous()?; // (b, t, 1)
-    Ok(log_probs.gather(&index, D::Minus1)?.squeeze(D::Minus1)?)
+    fused::token_logprobs(logits, targets)
 }
 
 /// Entropy of each next-token distribution, `-Σ p log p`: logits (b, t, vocab) → (b, t).
 pub fn token_entropy(logits: &Tensor) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?; // (b, t, v)
-    Ok((log_probs.exp()? * &log_probs)?.sum(D::Minus1)?.neg()?)
+    fused::token_entropy(logits)
 }
 
 /// A right-padded batch of prompt+completion sequences.

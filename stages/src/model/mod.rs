@@ -15,6 +15,7 @@
 pub mod causal_lm;
 pub mod config;
 pub mod folder;
+pub mod fused;
 pub mod generate;
 pub mod heads;
 pub mod kv_cache;
