@@ -35,6 +35,86 @@ fn last_dim(shape: &Shape) -> usize {
     shape.dims().last().copied().unwrap_or(1)
 }
 
+// ---------------------------------------------------------------- linear
+
+/// `x W^T`: x (..., in), weight (out, in) → (..., out), one graph node. Its backward
+/// computes the weight's gradient only when the weight is trained (candle's matmul
+/// backward computes it for frozen weights too, a third of the backward matmul work
+/// under LoRA) and adds no reshape/transpose nodes whose gradients candle would
+/// zero-fill and accumulate one by one.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let fits = fusable(&[x, weight])
+        && x.is_contiguous()
+        && weight.is_contiguous()
+        && weight.rank() == 2
+        && x.rank() >= 1
+        && weight.dim(1)? == x.dim(D::Minus1)?;
+    if !fits {
+        return linear_reference(x, weight);
+    }
+    Ok(x.apply_op2(weight, LinearOp)?)
+}
+
+/// The composite `x W^T`.
+pub fn linear_reference(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let in_dim = dims.pop().unwrap_or(1);
+    let rows = x.elem_count() / in_dim.max(1);
+    let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?; // (n, out)
+    dims.push(weight.dim(0)?);
+    Ok(y.reshape(dims)?)
+}
+
+struct LinearOp;
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CandleResult<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let in_dim = last_dim(l1.shape());
+        let (out_dim, _) = l2.shape().dims2()?;
+        let rows = l1.shape().elem_count() / in_dim.max(1);
+        let lhs = Layout::contiguous_with_offset((rows, in_dim), l1.start_offset());
+        let rhs = l2.transpose(0, 1)?; // (in, out) view of the weight
+        let y = s1.matmul(s2, (1, rows, out_dim, in_dim), &lhs, &rhs)?;
+        let mut dims = l1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_dim;
+        }
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> CandleResult<(Option<Tensor>, Option<Tensor>)> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let rows = x.elem_count() / in_dim.max(1);
+        // Detached: the gradients need no graph of their own.
+        let grad = grad.detach().contiguous()?.reshape((rows, out_dim))?; // (n, out)
+        let dx = grad.matmul(&weight.detach())?.reshape(x.shape())?; // (..., in)
+        let dweight = if weight.track_op() {
+            let x = x.detach().reshape((rows, in_dim))?;
+            Some(grad.t()?.matmul(&x)?) // (out, in)
+        } else {
+            None
+        };
+        Ok((Some(dx), dweight))
+    }
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 /// `weight * x / sqrt(mean(x^2) + eps)` over the last dim, in f32 like transformers.

@@ -7,7 +7,7 @@ use super::lora::LoraAdapter;
 use super::rope::RopeTables;
 use super::weights::WeightSource;
 use super::{LlamaConfig, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 use rand_chacha::ChaCha8Rng;
 
 /// Randomness for LoRA dropout; `None` means evaluation (no dropout).
@@ -40,21 +40,18 @@ impl Linear {
 
     /// x (..., in) → (..., out)
     pub fn forward(&self, x: &Tensor, rng: DropoutRng) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim.max(1);
-        let flat = x.reshape((rows, in_dim))?; // (n, in)
-        let mut y = flat.matmul(&self.weight.t()?)?; // (n, out)
+        // One fused node (`fused::linear`) for the base product.
+        let mut y = fused::linear(x, &self.weight)?; // (..., out)
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
         if let Some(lora) = &self.lora {
-            y = (y + lora.delta(&flat, rng)?)?;
+            let in_dim = x.dim(D::Minus1)?;
+            let flat = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?; // (n, in)
+            let delta = lora.delta(&flat, rng)?.reshape(y.shape())?; // (..., out)
+            y = (y + delta)?;
         }
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
-        Ok(y.reshape(out_dims)?)
+        Ok(y)
     }
 
     pub fn in_dim(&self) -> usize {

@@ -97,6 +97,18 @@ fn assert_same_op(
 }
 
 #[test]
+fn fused_linear_matches_the_composite_in_values_and_gradients() {
+    let x = random(&[2, 5, 7], 20);
+    let weight = random(&[3, 7], 21);
+    let fused = |t: &[Tensor]| -> Result<Tensor> { Ok(t[0].apply_op2(&t[1], LinearOp)?) };
+    let reference = |t: &[Tensor]| linear_reference(&t[0], &t[1]);
+    let inputs = [x, weight];
+    assert_same_op("linear", &inputs, &[true, true], &fused, &reference);
+    // A frozen weight (LoRA) gets no gradient and x's is unchanged.
+    assert_same_op("linear frozen", &inputs, &[true, false], &fused, &reference);
+}
+
+#[test]
 fn fused_rms_norm_matches_the_composite_in_values_and_gradients() {
     let x = random(&[3, 5, 13], 1);
     let weight = random(&[13], 2);
