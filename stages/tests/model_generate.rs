@@ -7,7 +7,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use rlhf_stages::model::generate::FinishReason;
-use rlhf_stages::model::{generate, token_logprobs, GenerationSettings};
+use rlhf_stages::model::{generate, generate_rows, token_logprobs, GenerationSettings};
 
 fn prompts() -> Vec<Vec<u32>> {
     vec![
@@ -135,6 +135,25 @@ fn sampling_is_reproducible_with_a_seed_and_top_k_one_is_greedy() {
             .unwrap()
             .tokens
     );
+}
+
+#[test]
+fn a_sampled_batch_cut_into_parts_draws_the_same_tokens_as_the_whole() {
+    let model = tiny_model(14);
+    let settings = GenerationSettings {
+        temperature: 1.0,
+        seed: 5,
+        ..settings(10)
+    };
+    let all = prompts();
+    let whole = generate(&model, &all, &settings, None).unwrap();
+    let head = generate_rows(&model, &all[..1], 0, &settings, None).unwrap();
+    let tail = generate_rows(&model, &all[1..], 1, &settings, None).unwrap();
+    let parts: Vec<Vec<u32>> = head.tokens.into_iter().chain(tail.tokens).collect();
+    assert_eq!(parts, whole.tokens);
+    // Without the offset the tail would replay the head's streams: different tokens.
+    let replayed = generate_rows(&model, &all[1..], 0, &settings, None).unwrap();
+    assert_ne!(replayed.tokens, whole.tokens[1..].to_vec());
 }
 
 #[test]

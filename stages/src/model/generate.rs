@@ -57,7 +57,7 @@ pub enum FinishReason {
 }
 
 /// What [`generate`] returns, one entry per prompt, in prompt order.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GenerationOutput {
     /// The new tokens of each row (an EOS that ended it included).
     pub tokens: Vec<Vec<u32>>,
@@ -88,10 +88,25 @@ impl GenerationOutput {
     }
 }
 
-/// Generates continuations of `prompts` (each unpadded, non-empty) in one batch.
+/// Generates continuations of `prompts` (each unpadded, non-empty) in one batch. Row
+/// `i` samples from its own random stream `i` of `settings.seed`, so what a row draws
+/// does not depend on the other rows of the batch.
 pub fn generate(
     model: &CausalLm,
     prompts: &[Vec<u32>],
+    settings: &GenerationSettings,
+    tokenizer: Option<&ModelTokenizer>,
+) -> Result<GenerationOutput> {
+    generate_rows(model, prompts, 0, settings, tokenizer)
+}
+
+/// As [`generate`] for rows `first_row..` of a larger batch: row `first_row + i` uses
+/// stream `first_row + i`, so a batch cut into parts and generated part by part (or in
+/// parallel) gives the same tokens as the whole batch at once.
+pub fn generate_rows(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    first_row: usize,
     settings: &GenerationSettings,
     tokenizer: Option<&ModelTokenizer>,
 ) -> Result<GenerationOutput> {
@@ -116,7 +131,13 @@ pub fn generate(
     }
     let decoder = InferenceModel::new(model)?;
     let vocab = model.config.vocab_size;
-    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+    let mut rngs: Vec<ChaCha8Rng> = (0..rows)
+        .map(|row| {
+            let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+            rng.set_stream((first_row + row) as u64);
+            rng
+        })
+        .collect();
     let mut state = DecodeState::prefill(&decoder, prompts, settings)?;
     let mut sampler = Sampler::new(vocab);
     for step in 0..settings.max_new_tokens {
@@ -128,7 +149,7 @@ pub fn generate(
             .zip(state.logits.chunks_exact(vocab))
             .enumerate()
         {
-            let (token, logprob) = sampler.pick(logits, settings, &mut rng);
+            let (token, logprob) = sampler.pick(logits, settings, &mut rngs[row]);
             output.tokens[row].push(token);
             output.logprobs[row].push(logprob);
             next.push(token);

@@ -30,7 +30,7 @@ pub mod weights;
 pub use causal_lm::{CausalLm, Trainability};
 pub use config::{GenerationDefaults, LlamaConfig, RopeScaling};
 pub use folder::ModelFolder;
-pub use generate::{generate, GenerationOutput, GenerationSettings};
+pub use generate::{generate, generate_rows, GenerationOutput, GenerationSettings};
 pub use heads::{RewardHead, ScalarHead, ScalarHeadKind};
 pub use logprobs::{
     completion_logprobs, token_entropy, token_logprobs, CompletionLogprobs, TokenBatch,

@@ -9,10 +9,11 @@
 //! masked mean; GAE's mask factor keeps the prompt columns at zero.
 
 use crate::data::batch::{collate_examples, EncodedExample};
-use crate::model::generate::FinishReason;
+use crate::model::generate::{FinishReason, GenerationOutput};
 use crate::model::{
-    generate, token_entropy, token_logprobs, CausalLm, GenerationSettings, ScalarHead,
+    generate_rows, token_entropy, token_logprobs, CausalLm, GenerationSettings, ScalarHead,
 };
+use crate::parallel::{map_shards, split_into_shards};
 use crate::train::StageResultExt;
 use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
@@ -56,7 +57,8 @@ impl Rollouts {
 }
 
 /// Samples `group` completions of each of `prompts` (token ids; `row_index` says which
-/// row each came from) in one generation batch.
+/// row each came from), the rows cut into one generation batch per thread: each row
+/// has its own random stream, so the completions do not depend on the cut.
 pub fn sample_rollouts(
     model: &CausalLm,
     prompts: &[Vec<u32>],
@@ -74,7 +76,24 @@ pub fn sample_rollouts(
             rows.push(row);
         }
     }
-    let output = generate(model, &repeated, settings, None).or_fail("sampling completions")?;
+    let parts = split_into_shards(&repeated, rayon::current_num_threads());
+    let starts: Vec<usize> = parts
+        .iter()
+        .scan(0, |start, part| {
+            let first = *start;
+            *start += part.len();
+            Some(first)
+        })
+        .collect();
+    let mut output = GenerationOutput::default();
+    for part in map_shards(parts.len(), |k| {
+        generate_rows(model, parts[k], starts[k], settings, None)
+    }) {
+        let part = part.or_fail("sampling completions")?;
+        output.tokens.extend(part.tokens);
+        output.logprobs.extend(part.logprobs);
+        output.finish_reasons.extend(part.finish_reasons);
+    }
     let texts = output
         .tokens
         .iter()

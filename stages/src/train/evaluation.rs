@@ -7,6 +7,7 @@ use super::StageResultExt;
 use crate::data::row::Row;
 use crate::eval::metrics::exact_match;
 use crate::model::{generate, CausalLm, GenerationSettings};
+use crate::parallel::map_shards;
 use rlhf_engine::StageError;
 
 /// Prompts per generation batch.
@@ -45,14 +46,22 @@ pub fn exact_match_accuracy(
         pad_token_id: codec.special.pad,
         ..GenerationSettings::greedy()
     };
-    let mut correct = 0usize;
-    for chunk in rows.chunks(GENERATION_BATCH) {
+    // Greedy answers do not depend on which rows share a batch, so the chunks can run
+    // on every thread at once without changing the result.
+    let chunk_size = rows
+        .len()
+        .div_ceil(rayon::current_num_threads())
+        .clamp(1, GENERATION_BATCH);
+    let chunks: Vec<&[Row]> = rows.chunks(chunk_size).collect();
+    let correct = map_shards(chunks.len(), |k| -> Result<usize, StageError> {
+        let chunk = chunks[k];
         let prompts = chunk
             .iter()
             .map(|row| encoder.encode_prompt(row))
             .collect::<Result<Vec<_>, _>>()
             .or_fail("encoding evaluation prompts")?;
         let output = generate(model, &prompts, &settings, None).or_fail("greedy generation")?;
+        let mut correct = 0;
         for (row, tokens) in chunk.iter().zip(&output.tokens) {
             let text = codec
                 .tokenizer
@@ -65,6 +74,9 @@ pub fn exact_match_accuracy(
                 .unwrap_or("");
             correct += usize::from(exact_match(&text, gold));
         }
-    }
+        Ok(correct)
+    })
+    .into_iter()
+    .sum::<Result<usize, StageError>>()?;
     Ok(correct as f64 / rows.len() as f64)
 }
