@@ -14,7 +14,9 @@
 use super::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
+mod attention;
 mod kernels;
+pub use attention::{attention, attention_reference};
 use kernels::{
     contiguous_f32, entropy_rows, entropy_rows_backward, log_softmax_gather_rows,
     log_softmax_gather_rows_backward, masked_softmax_rows, rms_norm_rows, rms_norm_rows_backward,

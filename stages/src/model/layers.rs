@@ -147,39 +147,15 @@ impl Attention {
         mask: &Tensor,
         rng: DropoutRng,
     ) -> Result<Tensor> {
-        let (batch, time, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let split = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((batch, time, n, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?) // (b, n, t, d)
-        };
+        let (cos, sin) = (&rope.cos, &rope.sin);
         // Splitting into heads and rotating is one pass (no transposed copy).
-        let q =
-            fused::rope_split_heads(&self.q_proj.forward(x, rng)?, &rope.cos, &rope.sin, heads)?; // (b, h, t, d)
-        let k = fused::rope_split_heads(
-            &self.k_proj.forward(x, rng)?,
-            &rope.cos,
-            &rope.sin,
-            kv_heads,
-        )?; // (b, kvh, t, d)
-        let v = split(self.v_proj.forward(x, rng)?, kv_heads)?; // (b, kvh, t, d)
-        let keys_len = k.dim(2)?;
-        // Grouped-query attention without copying k/v: query head h uses kv head
-        // h / n_rep, so the n_rep query heads of one kv head are stacked along time.
-        let n_rep = heads / kv_heads;
-        let q = q.reshape((batch, kv_heads, n_rep * time, head_dim))?;
+        let q = fused::rope_split_heads(&self.q_proj.forward(x, rng)?, cos, sin, heads)?; // (b, h, t, d)
+        let k = fused::rope_split_heads(&self.k_proj.forward(x, rng)?, cos, sin, kv_heads)?; // (b, kvh, t, d)
+        let v = self.v_proj.forward(x, rng)?; // (b, t, kvh*d), heads split inside attention
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = q
-            .matmul(&k.t()?)? // (b, kvh, n_rep*t, s)
-            .reshape((batch, heads, time, keys_len))?;
-        let probs = fused::masked_softmax(&scores, mask, scale)?; // (b, h, t, s)
-        let probs = probs.reshape((batch, kv_heads, n_rep * time, keys_len))?;
-        let context = probs.matmul(&v)?; // (b, kvh, n_rep*t, d)
-        let context = context
-            .reshape((batch, heads, time, head_dim))?
-            .transpose(1, 2)?
-            .reshape((batch, time, heads * head_dim))?; // (b, t, h*d)
+        // One node for scores, mask, softmax and the weighted sum (`fused::attention`).
+        let context = fused::attention(&q, &k, &v, mask, scale)?; // (b, t, h*d)
         self.o_proj.forward(&context, rng)
     }
 }

@@ -197,12 +197,24 @@ pub(super) fn masked_softmax_rows(
     scale: f32,
     out: &mut [f32],
 ) {
+    out.copy_from_slice(scores);
+    masked_softmax_in_place(out, mask, time, keys, scale);
+}
+
+/// As [`masked_softmax_rows`], over the scores in `rows` themselves. A row whose every
+/// entry is -inf becomes all zeros rather than NaN.
+pub(super) fn masked_softmax_in_place(
+    rows: &mut [f32],
+    mask: &[f32],
+    time: usize,
+    keys: usize,
+    scale: f32,
+) {
     let keys = keys.max(1);
-    let rows = out.chunks_exact_mut(keys).zip(scores.chunks_exact(keys));
-    for (r, (y, x)) in rows.enumerate() {
+    for (r, y) in rows.chunks_exact_mut(keys).enumerate() {
         let m = &mask[(r % time) * keys..][..keys];
-        for ((y, x), m) in y.iter_mut().zip(x).zip(m) {
-            *y = x * scale + m;
+        for (y, m) in y.iter_mut().zip(m) {
+            *y = *y * scale + m;
         }
         let top = max(y);
         if top == f32::NEG_INFINITY {

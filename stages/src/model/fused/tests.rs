@@ -218,6 +218,38 @@ fn fused_masked_softmax_gives_zero_weights_where_every_key_is_minus_infinity() {
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6), "{sums:?}");
 }
 
+#[test]
+fn fused_attention_matches_the_composite_in_values_and_gradients() {
+    for recompute in [false, true] {
+        assert_attention_matches_the_composite(recompute);
+    }
+}
+
+fn assert_attention_matches_the_composite(recompute: bool) {
+    let scale = 1.0 / 6f64.sqrt();
+    let fused = |t: &[Tensor]| -> Result<Tensor> {
+        let (b, h, time, d) = t[0].dims4()?;
+        let (_, kvh, s, _) = t[1].dims4()?;
+        assert_eq!(t[2].dims(), [b, s, kvh * d]);
+        let out = attention::apply_fused(&t[0], &t[1], &t[2], &t[3], scale, recompute)?;
+        assert_eq!(out.dims(), [b, time, h * d]);
+        Ok(out)
+    };
+    let reference = |t: &[Tensor]| attention_reference(&t[0], &t[1], &t[2], &t[3], scale);
+    let trainable = [true, true, true, false];
+    for (heads, kv_heads) in [(4, 2), (3, 3), (4, 1)] {
+        let q = random(&[2, heads, 5, 6], 30);
+        let k = random(&[2, kv_heads, 5, 6], 31);
+        let v = random(&[2, 5, kv_heads * 6], 32);
+        let name = format!("attention {heads}/{kv_heads} (recompute {recompute})");
+        let mask = attention_mask(2, 5, f32::MIN); // padding, and a query that sees only padding
+        let inputs = [q.clone(), k.clone(), v.clone(), mask];
+        assert_same_op(&name, &inputs, &trainable, &fused, &reference);
+        let mask = attention_mask(1, 5, f32::NEG_INFINITY); // shared, -inf
+        assert_same_op(&name, &[q, k, v, mask], &trainable, &fused, &reference);
+    }
+}
+
 fn rope_tables(batch: usize, time: usize, head_dim: usize) -> (Tensor, Tensor) {
     let rope = Rope::new(head_dim, 10_000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
     let positions: Vec<u32> = (0..batch * time).map(|i| (i * 3 % 11) as u32).collect();
