@@ -106,14 +106,18 @@ impl CustomOp2 for LinearOp {
         let rows = x.elem_count() / in_dim.max(1);
         // Detached: the gradients need no graph of their own.
         let grad = grad.detach().contiguous()?.reshape((rows, out_dim))?; // (n, out)
-        let dx = grad.matmul(&weight.detach())?.reshape(x.shape())?; // (..., in)
+        let dx = if x.track_op() {
+            Some(grad.matmul(&weight.detach())?.reshape(x.shape())?) // (..., in)
+        } else {
+            None
+        };
         let dweight = if weight.track_op() {
             let x = x.detach().reshape((rows, in_dim))?;
             Some(grad.t()?.matmul(&x)?) // (out, in)
         } else {
             None
         };
-        Ok((Some(dx), dweight))
+        Ok((dx, dweight))
     }
 }
 

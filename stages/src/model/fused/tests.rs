@@ -106,6 +106,8 @@ fn fused_linear_matches_the_composite_in_values_and_gradients() {
     assert_same_op("linear", &inputs, &[true, true], &fused, &reference);
     // A frozen weight (LoRA) gets no gradient and x's is unchanged.
     assert_same_op("linear frozen", &inputs, &[true, false], &fused, &reference);
+    // A constant input (frozen layers below) gets no gradient; the weight's is unchanged.
+    assert_same_op("linear constant input", &inputs, &[false, true], &fused, &reference);
 }
 
 #[test]
