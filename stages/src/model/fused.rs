@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 
 mod attention;
 mod kernels;
+mod mlp;
 pub use attention::{attention, attention_reference};
 use kernels::{
     contiguous_f32, entropy_rows, entropy_rows_backward, log_softmax_gather_rows,
@@ -23,6 +24,7 @@ use kernels::{
     rope_rows, row_starts, silu_mul_backward, silu_mul_forward, softmax_rows_backward,
     RopeDirection, RopeGeometry,
 };
+pub use mlp::{gated_mlp_input, gated_mlp_input_reference};
 
 type CandleResult<T> = candle_core::Result<T>;
 

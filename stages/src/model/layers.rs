@@ -182,6 +182,13 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor, rng: DropoutRng) -> Result<Tensor> {
+        let plain = |linear: &Linear| linear.lora.is_none() && linear.bias.is_none();
+        if plain(&self.gate_proj) && plain(&self.up_proj) {
+            // Both projections and the gate in one node (`fused::gated_mlp_input`).
+            let (gate, up) = (&self.gate_proj.weight, &self.up_proj.weight);
+            let hidden = fused::gated_mlp_input(x, gate, up)?; // (b, t, inter)
+            return self.down_proj.forward(&hidden, rng);
+        }
         let gate = self.gate_proj.forward(x, rng)?; // (b, t, inter)
         let up = self.up_proj.forward(x, rng)?;
         self.down_proj.forward(&fused::silu_mul(&gate, &up)?, rng)

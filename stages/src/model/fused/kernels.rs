@@ -162,10 +162,15 @@ pub(super) fn rms_norm_rows_backward(
 
 pub(super) fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; gate.len()];
+    silu_mul_into(gate, up, &mut out);
+    out
+}
+
+#[inline(always)]
+fn silu_mul_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((y, g), u) in out.iter_mut().zip(gate).zip(up) {
         *y = g / (1.0 + exp_f32(-g)) * u;
     }
-    out
 }
 
 /// dgate then dup, each n long: with s = σ(g), dgate = grad u s (1 + g (1 - s)),
@@ -174,6 +179,18 @@ pub(super) fn silu_mul_backward(gate: &[f32], up: &[f32], grad: &[f32]) -> Vec<f
     let n = gate.len();
     let mut out = vec![0f32; 2 * n];
     let (dgate, dup) = out.split_at_mut(n);
+    silu_mul_backward_into(gate, up, grad, dgate, dup);
+    out
+}
+
+#[inline(always)]
+fn silu_mul_backward_into(
+    gate: &[f32],
+    up: &[f32],
+    grad: &[f32],
+    dgate: &mut [f32],
+    dup: &mut [f32],
+) {
     let items = dgate
         .iter_mut()
         .zip(dup.iter_mut())
@@ -184,6 +201,35 @@ pub(super) fn silu_mul_backward(gate: &[f32], up: &[f32], grad: &[f32]) -> Vec<f
         let s = 1.0 / (1.0 + exp_f32(-g));
         *du = d * g * s;
         *dg = d * u * s * (1.0 + g * (1.0 - s));
+    }
+}
+
+/// silu(gate) * up for rows laid out [gate (inter) | up (inter)] → rows of `inter`.
+pub(super) fn silu_mul_rows(gate_up: &[f32], inter: usize) -> Vec<f32> {
+    let inter = inter.max(1);
+    let mut out = vec![0f32; gate_up.len() / 2];
+    for (y, row) in out
+        .chunks_exact_mut(inter)
+        .zip(gate_up.chunks_exact(2 * inter))
+    {
+        let (gate, up) = row.split_at(inter);
+        silu_mul_into(gate, up, y);
+    }
+    out
+}
+
+/// The gradient of [`silu_mul_rows`]: rows [dgate | dup] from rows of `grad` (inter).
+pub(super) fn silu_mul_rows_backward(gate_up: &[f32], grad: &[f32], inter: usize) -> Vec<f32> {
+    let inter = inter.max(1);
+    let mut out = vec![0f32; gate_up.len()];
+    let rows = out
+        .chunks_exact_mut(2 * inter)
+        .zip(gate_up.chunks_exact(2 * inter))
+        .zip(grad.chunks_exact(inter));
+    for ((d_row, row), g) in rows {
+        let (gate, up) = row.split_at(inter);
+        let (dgate, dup) = d_row.split_at_mut(inter);
+        silu_mul_backward_into(gate, up, g, dgate, dup);
     }
     out
 }

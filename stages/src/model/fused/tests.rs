@@ -107,7 +107,39 @@ fn fused_linear_matches_the_composite_in_values_and_gradients() {
     // A frozen weight (LoRA) gets no gradient and x's is unchanged.
     assert_same_op("linear frozen", &inputs, &[true, false], &fused, &reference);
     // A constant input (frozen layers below) gets no gradient; the weight's is unchanged.
-    assert_same_op("linear constant input", &inputs, &[false, true], &fused, &reference);
+    assert_same_op(
+        "linear constant input",
+        &inputs,
+        &[false, true],
+        &fused,
+        &reference,
+    );
+}
+
+#[test]
+fn fused_gated_mlp_input_matches_the_composite_in_values_and_gradients() {
+    let x = random(&[2, 5, 7], 40);
+    let gate_weight = (random(&[9, 7], 41) * 2.0).unwrap();
+    let up_weight = random(&[9, 7], 42);
+    let reference = |t: &[Tensor]| gated_mlp_input_reference(&t[0], &t[1], &t[2]);
+    let inputs = [x, gate_weight, up_weight];
+    for keep in [true, false] {
+        let fused = |t: &[Tensor]| -> Result<Tensor> {
+            Ok(t[0].apply_op3(&t[1], &t[2], mlp::GatedMlpInputOp::new(keep))?)
+        };
+        let name = format!("gated_mlp_input (keep {keep})");
+        assert_same_op(&name, &inputs, &[true, true, true], &fused, &reference);
+        let frozen = format!("{name} frozen weights");
+        assert_same_op(&frozen, &inputs, &[true, false, false], &fused, &reference);
+        let constant = format!("{name} constant input");
+        assert_same_op(
+            &constant,
+            &inputs,
+            &[false, true, false],
+            &fused,
+            &reference,
+        );
+    }
 }
 
 #[test]
