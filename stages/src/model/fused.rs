@@ -1,30 +1,42 @@
 //! Fused CPU kernels for the training hot path, each a candle custom op with a
-//! hand-written backward: RMSNorm, the SiLU-gated product, the scaled and masked
-//! attention softmax, rotary embeddings, and log-softmax + gather / entropy.
+//! hand-written backward: the linear projection, RMSNorm, the SiLU-gated product and the
+//! whole gated-MLP input (`mlp`), the attention core and its masked softmax
+//! (`attention`), rotary embeddings (`rope`), and log-softmax + gather / entropy
+//! (`logprobs`). The loops themselves live in `kernels`.
 //!
 //! Why: a composite of small candle ops allocates (and page-faults) one fresh buffer per
-//! op forward and several per op backward; one pass over the data per direction is
-//! several times cheaper. The kernels are plain single-threaded loops over contiguous
-//! f32 rows (training runs data-parallel shards, one thread each), written so LLVM
-//! vectorises them. Inputs that are not f32 on the CPU, or not laid out as a kernel
-//! needs, take the composite `*_reference` path, which is also what the tests compare
-//! against. The backward of each op is itself a custom op applied without a graph:
-//! nothing here takes second derivatives.
+//! op forward, and in backward candle zero-fills and accumulates a fresh gradient buffer
+//! for every edge of the graph; one node per block is several times cheaper. The kernels
+//! are plain single-threaded loops over contiguous f32 rows (training runs data-parallel
+//! shards, one thread each), written so LLVM vectorises them; the products still run on
+//! candle's gemm. Inputs that are not f32 on the CPU, or not laid out as a kernel needs,
+//! take the composite `*_reference` path, which is also what the tests compare against.
+//! The backward of each op is computed without a graph: nothing here takes second
+//! derivatives. Unlike candle's own fused ops (../shared/NOTES.md), these keep gradients:
+//! they are applied with `apply_op*`, never `apply_op*_no_bwd`.
 
 use super::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use kernels::{
+    contiguous_f32, masked_softmax_rows, rms_norm_rows, rms_norm_rows_backward, silu_mul_backward,
+    silu_mul_forward, softmax_rows_backward,
+};
 
 mod attention;
 mod kernels;
+mod logprobs;
 mod mlp;
+mod rope;
 pub use attention::{attention, attention_reference};
-use kernels::{
-    contiguous_f32, entropy_rows, entropy_rows_backward, log_softmax_gather_rows,
-    log_softmax_gather_rows_backward, masked_softmax_rows, rms_norm_rows, rms_norm_rows_backward,
-    rope_rows, row_starts, silu_mul_backward, silu_mul_forward, softmax_rows_backward,
-    RopeDirection, RopeGeometry,
+pub use logprobs::{
+    token_entropy, token_entropy_reference, token_logprobs, token_logprobs_reference,
 };
+#[cfg(test)]
+use logprobs::{EntropyOp, LogSoftmaxGatherOp};
 pub use mlp::{gated_mlp_input, gated_mlp_input_reference};
+pub use rope::{rope, rope_reference, rope_split_heads};
+#[cfg(test)]
+use rope::{rope_geometry, RopeOp};
 
 type CandleResult<T> = candle_core::Result<T>;
 
@@ -411,338 +423,6 @@ impl CustomOp2 for SoftmaxBackwardOp {
         let grad = contiguous_f32(s2, l2, self.name())?;
         let out = softmax_rows_backward(probs, grad, last_dim(l1.shape()), self.scale);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-// ---------------------------------------------------------------- rotary embeddings
-
-/// `x * cos + rotate_half(x) * sin`: x (b, h, t, d), cos/sin (b or 1, 1, t, d).
-/// Gradient to x only (the tables are constants).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let heads = x.dim(1)?;
-    let geometry = rope_geometry(x, cos, sin, false, heads)?;
-    match geometry {
-        Some(geometry) => Ok(x.apply_op3(cos, sin, RopeOp { geometry })?),
-        None => rope_reference(x, cos, sin),
-    }
-}
-
-/// Splits x (b, t, heads*d) into heads and rotates them in one pass: → (b, heads, t, d),
-/// equal to `rope(x.reshape((b, t, heads, d)).transpose(1, 2), cos, sin)`.
-pub fn rope_split_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
-    match rope_geometry(x, cos, sin, true, heads)? {
-        Some(geometry) => Ok(x.apply_op3(cos, sin, RopeOp { geometry })?),
-        None => {
-            let (batch, time, width) = x.dims3()?;
-            let split = x
-                .reshape((batch, time, heads, width / heads.max(1)))?
-                .transpose(1, 2)?
-                .contiguous()?; // (b, h, t, d)
-            rope_reference(&split, cos, sin)
-        }
-    }
-}
-
-/// The kernel's view of x, or None when it must take the composite path.
-fn rope_geometry(
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    token_major: bool,
-    heads: usize,
-) -> Result<Option<RopeGeometry>> {
-    if !fusable(&[x, cos, sin]) || !x.is_contiguous() || !cos.is_contiguous() {
-        return Ok(None);
-    }
-    if !sin.is_contiguous() || cos.dims() != sin.dims() || cos.rank() != 4 {
-        return Ok(None);
-    }
-    let (table_batch, _, table_time, head_dim) = cos.dims4()?;
-    let (batch, time, width) = if token_major {
-        x.dims3()?
-    } else {
-        let (b, h, t, d) = x.dims4()?;
-        (b, t, h * d)
-    };
-    let fits = heads > 0
-        && head_dim % 2 == 0
-        && width == heads * head_dim
-        && table_time == time
-        && (table_batch == 1 || table_batch == batch);
-    Ok(fits.then_some(RopeGeometry {
-        batch,
-        heads,
-        time,
-        head_dim,
-        table_batch,
-        token_major,
-    }))
-}
-
-/// The composite rotary embedding, x (b, h, t, d).
-pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let head_dim = x.dim(D::Minus1)?;
-    let half = head_dim / 2;
-    let first = x.narrow(D::Minus1, 0, half)?;
-    let second = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?; // (b, h, t, d)
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
-}
-
-struct RopeOp {
-    geometry: RopeGeometry,
-}
-
-impl RopeOp {
-    fn run(
-        &self,
-        direction: RopeDirection,
-        input: (&CpuStorage, &Layout),
-        cos: (&CpuStorage, &Layout),
-        sin: (&CpuStorage, &Layout),
-    ) -> CandleResult<(CpuStorage, Shape)> {
-        let name = "fused-rope";
-        let input = contiguous_f32(input.0, input.1, name)?;
-        let cos = contiguous_f32(cos.0, cos.1, name)?;
-        let sin = contiguous_f32(sin.0, sin.1, name)?;
-        let g = &self.geometry;
-        let out = rope_rows(input, cos, sin, g, direction);
-        let shape = match (direction, g.token_major) {
-            (RopeDirection::Backward, true) => Shape::from((g.batch, g.time, g.heads * g.head_dim)),
-            _ => Shape::from((g.batch, g.heads, g.time, g.head_dim)),
-        };
-        Ok((CpuStorage::F32(out), shape))
-    }
-}
-
-impl CustomOp3 for RopeOp {
-    fn name(&self) -> &'static str {
-        "fused-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CandleResult<(CpuStorage, Shape)> {
-        self.run(RopeDirection::Forward, (s1, l1), (s2, l2), (s3, l3))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> CandleResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let op = RopeBackwardOp {
-            forward: RopeOp {
-                geometry: self.geometry,
-            },
-        };
-        Ok((Some(grad.apply_op3_no_bwd(cos, sin, &op)?), None, None))
-    }
-}
-
-struct RopeBackwardOp {
-    forward: RopeOp,
-}
-
-impl CustomOp3 for RopeBackwardOp {
-    fn name(&self) -> &'static str {
-        "fused-rope-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CandleResult<(CpuStorage, Shape)> {
-        self.forward
-            .run(RopeDirection::Backward, (s1, l1), (s2, l2), (s3, l3))
-    }
-}
-
-// ---------------------------------------------------------------- log-softmax + gather, entropy
-
-/// `log_softmax(logits)[targets]`: logits (..., vocab), targets (...) → (...) f32.
-/// The logits' rows may be strided (e.g. a `narrow` over time); the last dim must not be.
-pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if !fusable(&[logits]) || row_starts(logits.layout()).is_none() {
-        return token_logprobs_reference(logits, targets);
-    }
-    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
-    if targets.dims() != &logits.dims()[..logits.rank() - 1] {
-        return token_logprobs_reference(logits, &targets);
-    }
-    Ok(logits.apply_op2(&targets, LogSoftmaxGatherOp)?)
-}
-
-/// The composite log-softmax + gather.
-pub fn token_logprobs_reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?; // (b, t, v)
-                                                                                            // gather needs a contiguous index on CPU (../shared/NOTES.md).
-    let index = targets
-        .to_dtype(DType::U32)?
-        .unsqueeze(D::Minus1)?
-        .contiguous()?; // (b, t, 1)
-    Ok(log_probs.gather(&index, D::Minus1)?.squeeze(D::Minus1)?)
-}
-
-struct LogSoftmaxGatherOp;
-
-impl CustomOp2 for LogSoftmaxGatherOp {
-    fn name(&self) -> &'static str {
-        "fused-log-softmax-gather"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CandleResult<(CpuStorage, Shape)> {
-        let logits = s1.as_slice::<f32>()?;
-        let targets = targets_slice(s2, l2)?;
-        let starts = strided_rows(l1, self.name())?;
-        let out = log_softmax_gather_rows(logits, &starts, last_dim(l1.shape()), targets)?;
-        Ok((CpuStorage::F32(out), l2.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> CandleResult<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dlogits = logits.apply_op3_no_bwd(targets, &grad, &LogSoftmaxGatherBackwardOp)?;
-        Ok((Some(dlogits), None))
-    }
-}
-
-struct LogSoftmaxGatherBackwardOp;
-
-impl CustomOp3 for LogSoftmaxGatherBackwardOp {
-    fn name(&self) -> &'static str {
-        "fused-log-softmax-gather-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CandleResult<(CpuStorage, Shape)> {
-        let logits = s1.as_slice::<f32>()?;
-        let starts = strided_rows(l1, self.name())?;
-        let targets = targets_slice(s2, l2)?;
-        let grad = contiguous_f32(s3, l3, self.name())?;
-        let vocab = last_dim(l1.shape());
-        let out = log_softmax_gather_rows_backward(logits, &starts, vocab, targets, grad);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// Entropy of each softmax row, `-Σ p log p`: logits (..., vocab) → (...).
-pub fn token_entropy(logits: &Tensor) -> Result<Tensor> {
-    if !fusable(&[logits]) || row_starts(logits.layout()).is_none() {
-        return token_entropy_reference(logits);
-    }
-    Ok(logits.apply_op1(EntropyOp)?)
-}
-
-/// The composite entropy.
-pub fn token_entropy_reference(logits: &Tensor) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?; // (b, t, v)
-    Ok((log_probs.exp()? * &log_probs)?.sum(D::Minus1)?.neg()?)
-}
-
-struct EntropyOp;
-
-impl CustomOp1 for EntropyOp {
-    fn name(&self) -> &'static str {
-        "fused-entropy"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CandleResult<(CpuStorage, Shape)> {
-        let logits = storage.as_slice::<f32>()?;
-        let starts = strided_rows(layout, self.name())?;
-        let vocab = last_dim(layout.shape());
-        let out = entropy_rows(logits, &starts, vocab);
-        let dims = layout.shape().dims();
-        Ok((CpuStorage::F32(out), Shape::from(&dims[..dims.len() - 1])))
-    }
-
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        entropy: &Tensor,
-        grad: &Tensor,
-    ) -> CandleResult<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let entropy = entropy.contiguous()?;
-        Ok(Some(logits.apply_op3_no_bwd(
-            &entropy,
-            &grad,
-            &EntropyBackwardOp,
-        )?))
-    }
-}
-
-struct EntropyBackwardOp;
-
-impl CustomOp3 for EntropyBackwardOp {
-    fn name(&self) -> &'static str {
-        "fused-entropy-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CandleResult<(CpuStorage, Shape)> {
-        let logits = s1.as_slice::<f32>()?;
-        let starts = strided_rows(l1, self.name())?;
-        let entropy = contiguous_f32(s2, l2, self.name())?;
-        let grad = contiguous_f32(s3, l3, self.name())?;
-        let vocab = last_dim(l1.shape());
-        let out = entropy_rows_backward(logits, &starts, vocab, entropy, grad);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-fn strided_rows(layout: &Layout, op: &'static str) -> CandleResult<Vec<usize>> {
-    match row_starts(layout) {
-        Some(starts) => Ok(starts),
-        None => candle_core::bail!("{op}: the last dim must have stride 1"),
-    }
-}
-
-fn targets_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> CandleResult<&'a [u32]> {
-    let data = storage.as_slice::<u32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("fused-log-softmax-gather: targets must be contiguous"),
     }
 }
 
