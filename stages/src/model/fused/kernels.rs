@@ -5,6 +5,32 @@ use candle_core::{CpuStorage, Layout};
 
 type CandleResult<T> = candle_core::Result<T>;
 
+/// Defines `fn name` twice over one body: compiled for AVX2 + FMA, taken when the CPU has
+/// them (checked once, cached by std), and portable (the x86-64 baseline is SSE2, 4 lanes).
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) -> $ret {
+                    portable($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: `wide` needs only AVX2 and FMA, which the CPU has.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
 /// The f32 data of a contiguous operand.
 pub(super) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
@@ -98,6 +124,7 @@ fn sum(a: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+#[inline(always)]
 fn max(a: &[f32]) -> f32 {
     a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
@@ -110,6 +137,7 @@ fn row_rms(row: &[f32], inv_dim: f32, eps: f32) -> f32 {
     (sum_squares * inv_dim + eps).sqrt()
 }
 
+multiversion! {
 pub(super) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let dim = weight.len().max(1);
     let inv_dim = (1.0 / dim as f64) as f32;
@@ -122,7 +150,9 @@ pub(super) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     }
     out
 }
+}
 
+multiversion! {
 /// dx (rows, d) then, when `want_weight`, dweight (d) appended:
 /// dx = g w / r - x (Σ g w x) / (d r^3), dweight = Σ_rows g x / r.
 pub(super) fn rms_norm_rows_backward(
@@ -159,11 +189,14 @@ pub(super) fn rms_norm_rows_backward(
     }
     out
 }
+}
 
+multiversion! {
 pub(super) fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; gate.len()];
     silu_mul_into(gate, up, &mut out);
     out
+}
 }
 
 #[inline(always)]
@@ -173,6 +206,7 @@ fn silu_mul_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+multiversion! {
 /// dgate then dup, each n long: with s = σ(g), dgate = grad u s (1 + g (1 - s)),
 /// dup = grad g s.
 pub(super) fn silu_mul_backward(gate: &[f32], up: &[f32], grad: &[f32]) -> Vec<f32> {
@@ -181,6 +215,7 @@ pub(super) fn silu_mul_backward(gate: &[f32], up: &[f32], grad: &[f32]) -> Vec<f
     let (dgate, dup) = out.split_at_mut(n);
     silu_mul_backward_into(gate, up, grad, dgate, dup);
     out
+}
 }
 
 #[inline(always)]
@@ -204,6 +239,7 @@ fn silu_mul_backward_into(
     }
 }
 
+multiversion! {
 /// silu(gate) * up for rows laid out [gate (inter) | up (inter)] → rows of `inter`.
 pub(super) fn silu_mul_rows(gate_up: &[f32], inter: usize) -> Vec<f32> {
     let inter = inter.max(1);
@@ -217,7 +253,9 @@ pub(super) fn silu_mul_rows(gate_up: &[f32], inter: usize) -> Vec<f32> {
     }
     out
 }
+}
 
+multiversion! {
 /// The gradient of [`silu_mul_rows`]: rows [dgate | dup] from rows of `grad` (inter).
 pub(super) fn silu_mul_rows_backward(gate_up: &[f32], grad: &[f32], inter: usize) -> Vec<f32> {
     let inter = inter.max(1);
@@ -233,6 +271,7 @@ pub(super) fn silu_mul_rows_backward(gate_up: &[f32], grad: &[f32], inter: usize
     }
     out
 }
+}
 
 /// softmax(x * scale + mask) per row of `keys`; row r uses mask row `r % time`.
 pub(super) fn masked_softmax_rows(
@@ -247,6 +286,7 @@ pub(super) fn masked_softmax_rows(
     masked_softmax_in_place(out, mask, time, keys, scale);
 }
 
+multiversion! {
 /// As [`masked_softmax_rows`], over the scores in `rows` themselves. A row whose every
 /// entry is -inf becomes all zeros rather than NaN.
 pub(super) fn masked_softmax_in_place(
@@ -255,7 +295,7 @@ pub(super) fn masked_softmax_in_place(
     time: usize,
     keys: usize,
     scale: f32,
-) {
+) -> () {
     let keys = keys.max(1);
     for (r, y) in rows.chunks_exact_mut(keys).enumerate() {
         let m = &mask[(r % time) * keys..][..keys];
@@ -276,7 +316,9 @@ pub(super) fn masked_softmax_in_place(
         }
     }
 }
+}
 
+multiversion! {
 /// `scale * y * (g - Σ g y)` per row.
 pub(super) fn softmax_rows_backward(
     probs: &[f32],
@@ -297,6 +339,7 @@ pub(super) fn softmax_rows_backward(
         }
     }
     out
+}
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -319,6 +362,7 @@ pub(super) enum RopeDirection {
     Backward,
 }
 
+multiversion! {
 pub(super) fn rope_rows(
     input: &[f32],
     cos: &[f32],
@@ -355,6 +399,7 @@ pub(super) fn rope_rows(
         }
     }
     out
+}
 }
 
 /// y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (halves of the row).
@@ -417,6 +462,7 @@ pub(super) fn log_softmax_gather_rows(
     Ok(out)
 }
 
+multiversion! {
 /// d logits = g (onehot(target) - softmax(x)), rows contiguous.
 pub(super) fn log_softmax_gather_rows_backward(
     logits: &[f32],
@@ -443,7 +489,9 @@ pub(super) fn log_softmax_gather_rows_backward(
     }
     out
 }
+}
 
+multiversion! {
 /// Per row: log p = (x - max) - ln Σ e; H = -Σ p log p.
 pub(super) fn entropy_rows(logits: &[f32], starts: &[usize], vocab: usize) -> Vec<f32> {
     let mut scratch = vec![0f32; vocab];
@@ -463,7 +511,9 @@ pub(super) fn entropy_rows(logits: &[f32], starts: &[usize], vocab: usize) -> Ve
         })
         .collect()
 }
+}
 
+multiversion! {
 /// dx = -g p (log p + H).
 pub(super) fn entropy_rows_backward(
     logits: &[f32],
@@ -489,4 +539,5 @@ pub(super) fn entropy_rows_backward(
         }
     }
     out
+}
 }
