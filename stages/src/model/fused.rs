@@ -33,7 +33,10 @@ pub use logprobs::{
 };
 #[cfg(test)]
 use logprobs::{EntropyOp, LogSoftmaxGatherOp};
-pub use mlp::{gated_mlp_input, gated_mlp_input_reference};
+pub use mlp::{
+    gated_mlp_input, gated_mlp_input_reference, gated_mlp_input_with_deltas,
+    gated_mlp_input_with_deltas_reference,
+};
 pub use rope::{rope, rope_reference, rope_split_heads};
 #[cfg(test)]
 use rope::{rope_geometry, RopeOp};

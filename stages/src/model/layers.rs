@@ -189,6 +189,25 @@ impl Mlp {
             let hidden = fused::gated_mlp_input(x, gate, up)?; // (b, t, inter)
             return self.down_proj.forward(&hidden, rng);
         }
+        let (gate, up) = (&self.gate_proj, &self.up_proj);
+        if let (Some(gate_lora), Some(up_lora), None, None) =
+            (&gate.lora, &up.lora, &gate.bias, &up.bias)
+        {
+            // LoRA on both: one node for the frozen base projections, the adapters'
+            // deltas and the gate (`fused::gated_mlp_input_with_deltas`).
+            let in_dim = x.dim(D::Minus1)?;
+            let flat = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?; // (n, in)
+            let gate_delta = gate_lora.delta(&flat, rng)?; // (n, inter)
+            let up_delta = up_lora.delta(&flat, rng)?;
+            let hidden = fused::gated_mlp_input_with_deltas(
+                x,
+                &gate.weight,
+                &up.weight,
+                &gate_delta,
+                &up_delta,
+            )?; // (b, t, inter)
+            return self.down_proj.forward(&hidden, rng);
+        }
         let gate = self.gate_proj.forward(x, rng)?; // (b, t, inter)
         let up = self.up_proj.forward(x, rng)?;
         self.down_proj.forward(&fused::silu_mul(&gate, &up)?, rng)

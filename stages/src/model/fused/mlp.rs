@@ -3,7 +3,9 @@
 //! that gives x one gradient (not one per projection plus two for the product) and both
 //! weights theirs from a single gemm. For projections without LoRA or bias.
 
-use super::kernels::{contiguous_f32, silu_mul_rows, silu_mul_rows_backward};
+use super::kernels::{
+    contiguous_f32, silu_mul_backward, silu_mul_forward, silu_mul_rows, silu_mul_rows_backward,
+};
 use super::{fusable, linear_reference, silu_mul_reference, CandleResult};
 use crate::model::Result;
 use candle_core::backend::BackendStorage;
@@ -161,5 +163,173 @@ impl CustomOp3 for GatedMlpInputOp {
             .then(|| dweights.narrow(0, inter, inter))
             .transpose()?;
         Ok((dx, dgate, dup))
+    }
+}
+
+/// `silu(x Wg^T + gate_delta) * (x Wu^T + up_delta)` with constant (frozen) weights, for
+/// LoRA: the deltas are the adapters' outputs (..., inter) and receive the gradients;
+/// x gets the base projections' share of its gradient. Falls back to the composite when
+/// a weight is trained.
+pub fn gated_mlp_input_with_deltas(
+    x: &Tensor,
+    gate_weight: &Tensor,
+    up_weight: &Tensor,
+    gate_delta: &Tensor,
+    up_delta: &Tensor,
+) -> Result<Tensor> {
+    let tensors = [x, gate_weight, up_weight, gate_delta, up_delta];
+    let frozen = !gate_weight.track_op() && !up_weight.track_op();
+    let fits = frozen
+        && fusable(&tensors)
+        && tensors.iter().all(|t| t.is_contiguous())
+        && gate_weight.rank() == 2
+        && gate_weight.dims() == up_weight.dims()
+        && x.rank() >= 1
+        && gate_weight.dim(1)? == x.dim(D::Minus1)?
+        && gate_delta.dims() == up_delta.dims()
+        && gate_delta.elem_count() == x.elem_count() / gate_weight.dim(1)? * gate_weight.dim(0)?;
+    if !fits {
+        return gated_mlp_input_with_deltas_reference(
+            x,
+            gate_weight,
+            up_weight,
+            gate_delta,
+            up_delta,
+        );
+    }
+    let op = GatedMlpDeltaOp::new(gate_weight, up_weight, true);
+    Ok(x.apply_op3(gate_delta, up_delta, op)?)
+}
+
+/// The composite of [`gated_mlp_input_with_deltas`].
+pub fn gated_mlp_input_with_deltas_reference(
+    x: &Tensor,
+    gate_weight: &Tensor,
+    up_weight: &Tensor,
+    gate_delta: &Tensor,
+    up_delta: &Tensor,
+) -> Result<Tensor> {
+    let gate = linear_reference(x, gate_weight)?; // (..., inter)
+    let gate = (&gate + gate_delta.reshape(gate.shape())?)?;
+    let up = linear_reference(x, up_weight)?;
+    let up = (&up + up_delta.reshape(up.shape())?)?;
+    silu_mul_reference(&gate, &up)
+}
+
+pub(super) struct GatedMlpDeltaOp {
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    /// The forward's gate and up pre-activations, each (rows, inter).
+    kept: Mutex<Option<(Tensor, Tensor)>>,
+    keep: bool,
+}
+
+impl GatedMlpDeltaOp {
+    pub(super) fn new(gate_weight: &Tensor, up_weight: &Tensor, keep: bool) -> Self {
+        GatedMlpDeltaOp {
+            gate_weight: gate_weight.detach(),
+            up_weight: up_weight.detach(),
+            kept: Mutex::new(None),
+            keep,
+        }
+    }
+
+    /// x W^T + delta, (rows, inter).
+    fn projection(&self, x: &Tensor, weight: &Tensor, delta: &Tensor) -> CandleResult<Tensor> {
+        let (inter, in_dim) = weight.dims2()?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let base = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
+        base + delta.reshape((rows, inter))?
+    }
+}
+
+impl CustomOp3 for GatedMlpDeltaOp {
+    fn name(&self) -> &'static str {
+        "fused-gated-mlp-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CandleResult<(CpuStorage, Shape)> {
+        let (inter, in_dim) = self.gate_weight.dims2()?;
+        let rows = l1.shape().elem_count() / in_dim.max(1);
+        let project = |weight: &Tensor, delta: &[f32]| -> CandleResult<Vec<f32>> {
+            let (storage, layout) = weight.storage_and_layout();
+            let Storage::Cpu(storage) = &*storage else {
+                candle_core::bail!("fused-gated-mlp-lora: the weights are not on the CPU");
+            };
+            let lhs = Layout::contiguous_with_offset((rows, in_dim), l1.start_offset());
+            let rhs = layout.transpose(0, 1)?; // W^T, a view
+            let projected = s1.matmul(storage, (1, rows, inter, in_dim), &lhs, &rhs)?;
+            let CpuStorage::F32(mut projected) = projected else {
+                candle_core::bail!("fused-gated-mlp-lora: the projection is not f32");
+            };
+            for (p, d) in projected.iter_mut().zip(delta) {
+                *p += d;
+            }
+            Ok(projected)
+        };
+        let gate = project(&self.gate_weight, contiguous_f32(s2, l2, self.name())?)?;
+        let up = project(&self.up_weight, contiguous_f32(s3, l3, self.name())?)?;
+        let hidden = silu_mul_forward(&gate, &up);
+        if self.keep {
+            let gate = Tensor::from_vec(gate, (rows, inter), &Device::Cpu)?;
+            let up = Tensor::from_vec(up, (rows, inter), &Device::Cpu)?;
+            if let Ok(mut slot) = self.kept.lock() {
+                *slot = Some((gate, up));
+            }
+        }
+        let mut dims = l1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = inter;
+        }
+        Ok((CpuStorage::F32(hidden), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gate_delta: &Tensor,
+        up_delta: &Tensor,
+        _hidden: &Tensor,
+        grad: &Tensor,
+    ) -> CandleResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (inter, _) = self.gate_weight.dims2()?;
+        let want_x = x.track_op();
+        let x = x.detach();
+        let kept = self.kept.lock().ok().and_then(|slot| slot.clone());
+        let (gate, up) = match kept {
+            Some(kept) => kept,
+            None => (
+                self.projection(&x, &self.gate_weight, &gate_delta.detach())?,
+                self.projection(&x, &self.up_weight, &up_delta.detach())?,
+            ),
+        };
+        let rows = gate.dim(0)?;
+        let grad = grad.detach().contiguous()?;
+        let both = with_f32(&gate, |gate| {
+            with_f32(&up, |up| {
+                with_f32(&grad, |grad| Ok(silu_mul_backward(gate, up, grad)))
+            })
+        })?;
+        let both = Tensor::from_vec(both, (2 * rows, inter), x.device())?; // [dgate; dup]
+        let (dgate, dup) = (both.narrow(0, 0, rows)?, both.narrow(0, rows, rows)?);
+        let dx = if want_x {
+            let dx = (dgate.matmul(&self.gate_weight)? + dup.matmul(&self.up_weight)?)?;
+            Some(dx.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((
+            dx,
+            Some(dgate.reshape(gate_delta.shape())?),
+            Some(dup.reshape(up_delta.shape())?),
+        ))
     }
 }

@@ -143,6 +143,29 @@ fn fused_gated_mlp_input_matches_the_composite_in_values_and_gradients() {
 }
 
 #[test]
+fn fused_gated_mlp_with_lora_deltas_matches_the_composite() {
+    let x = random(&[2, 5, 7], 43);
+    let gate_weight = (random(&[9, 7], 44) * 2.0).unwrap();
+    let up_weight = random(&[9, 7], 45);
+    let gate_delta = random(&[2, 5, 9], 46);
+    let up_delta = random(&[2, 5, 9], 47);
+    let (g, u) = (gate_weight.clone(), up_weight.clone());
+    let reference =
+        |t: &[Tensor]| gated_mlp_input_with_deltas_reference(&t[0], &g, &u, &t[1], &t[2]);
+    let inputs = [x, gate_delta, up_delta];
+    for keep in [true, false] {
+        let fused = |t: &[Tensor]| -> Result<Tensor> {
+            let op = mlp::GatedMlpDeltaOp::new(&gate_weight, &up_weight, keep);
+            Ok(t[0].apply_op3(&t[1], &t[2], op)?)
+        };
+        let name = format!("gated_mlp_input_with_deltas (keep {keep})");
+        assert_same_op(&name, &inputs, &[true, true, true], &fused, &reference);
+        let constant = format!("{name} constant input");
+        assert_same_op(&constant, &inputs, &[false, true, true], &fused, &reference);
+    }
+}
+
+#[test]
 fn fused_rms_norm_matches_the_composite_in_values_and_gradients() {
     let x = random(&[3, 5, 13], 1);
     let weight = random(&[13], 2);
