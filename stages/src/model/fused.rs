@@ -138,6 +138,78 @@ impl CustomOp2 for LinearOp {
     }
 }
 
+/// `x W^T + delta` with a constant (frozen) weight: a LoRA projection, delta being the
+/// adapter's output (rows, out) or (..., out). One node instead of product, reshape and
+/// sum; the composite when the weight is trained.
+pub fn linear_with_delta(x: &Tensor, weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    let fits = fusable(&[x, weight, delta])
+        && !weight.track_op()
+        && [x, weight, delta].iter().all(|t| t.is_contiguous())
+        && weight.rank() == 2
+        && x.rank() >= 1
+        && weight.dim(1)? == x.dim(D::Minus1)?
+        && delta.elem_count() == x.elem_count() / weight.dim(1)?.max(1) * weight.dim(0)?;
+    if !fits {
+        let y = linear_reference(x, weight)?;
+        return Ok((&y + delta.reshape(y.shape())?)?);
+    }
+    let op = LinearDeltaOp {
+        weight: weight.detach(),
+    };
+    Ok(x.apply_op2(delta, op)?)
+}
+
+struct LinearDeltaOp {
+    weight: Tensor,
+}
+
+impl CustomOp2 for LinearDeltaOp {
+    fn name(&self) -> &'static str {
+        "fused-linear-delta"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CandleResult<(CpuStorage, Shape)> {
+        let (y, shape) = {
+            let (storage, layout) = self.weight.storage_and_layout();
+            let candle_core::Storage::Cpu(storage) = &*storage else {
+                candle_core::bail!("fused-linear-delta: the weight is not on the CPU");
+            };
+            LinearOp.cpu_fwd(s1, l1, storage, layout)?
+        };
+        let CpuStorage::F32(mut y) = y else {
+            candle_core::bail!("fused-linear-delta: the product is not f32");
+        };
+        for (y, d) in y.iter_mut().zip(contiguous_f32(s2, l2, self.name())?) {
+            *y += d;
+        }
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        delta: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> CandleResult<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            let (out_dim, in_dim) = self.weight.dims2()?;
+            let rows = x.elem_count() / in_dim.max(1);
+            let grad = grad.detach().contiguous()?.reshape((rows, out_dim))?; // (n, out)
+            Some(grad.matmul(&self.weight)?.reshape(x.shape())?) // (..., in)
+        } else {
+            None
+        };
+        Ok((dx, Some(grad.detach().reshape(delta.shape())?)))
+    }
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 /// `weight * x / sqrt(mean(x^2) + eps)` over the last dim, in f32 like transformers.

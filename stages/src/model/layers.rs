@@ -40,6 +40,13 @@ impl Linear {
 
     /// x (..., in) → (..., out)
     pub fn forward(&self, x: &Tensor, rng: DropoutRng) -> Result<Tensor> {
+        if let (Some(lora), None) = (&self.lora, &self.bias) {
+            // Frozen base product and adapter in one node (`fused::linear_with_delta`).
+            let in_dim = x.dim(D::Minus1)?;
+            let flat = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?; // (n, in)
+            let delta = lora.delta(&flat, rng)?; // (n, out)
+            return fused::linear_with_delta(x, &self.weight, &delta);
+        }
         // One fused node (`fused::linear`) for the base product.
         let mut y = fused::linear(x, &self.weight)?; // (..., out)
         if let Some(bias) = &self.bias {

@@ -166,6 +166,37 @@ fn fused_gated_mlp_with_lora_deltas_matches_the_composite() {
 }
 
 #[test]
+fn fused_linear_with_a_lora_delta_matches_the_composite() {
+    let x = random(&[2, 5, 7], 22);
+    let weight = random(&[3, 7], 23);
+    let delta = random(&[10, 3], 24); // (rows, out), as LoRA hands it over
+    let w = weight.clone();
+    let fused = |t: &[Tensor]| -> Result<Tensor> {
+        let op = LinearDeltaOp { weight: w.clone() };
+        Ok(t[0].apply_op2(&t[1], op)?)
+    };
+    let reference = |t: &[Tensor]| -> Result<Tensor> {
+        let y = linear_reference(&t[0], &weight)?;
+        Ok((&y + t[1].reshape(y.shape())?)?)
+    };
+    let inputs = [x, delta];
+    assert_same_op(
+        "linear_with_delta",
+        &inputs,
+        &[true, true],
+        &fused,
+        &reference,
+    );
+    assert_same_op(
+        "linear_with_delta constant input",
+        &inputs,
+        &[false, true],
+        &fused,
+        &reference,
+    );
+}
+
+#[test]
 fn fused_rms_norm_matches_the_composite_in_values_and_gradients() {
     let x = random(&[3, 5, 13], 1);
     let weight = random(&[13], 2);
