@@ -107,3 +107,43 @@ fn rl_pipeline_runs_cold_then_is_cached_and_a_grpo_param_reruns_grpo_only() {
     changed.assert_code(0);
     assert_eq!(changed.with_status("ran"), vec!["grpo".to_string()]);
 }
+
+/// Stage name → output digests, from `--json`.
+fn output_digests(run: &common::Run) -> Vec<(String, String)> {
+    let mut digests: Vec<(String, String)> = run
+        .stages()
+        .iter()
+        .flat_map(|s| {
+            let stage = s["stage"].as_str().unwrap().to_string();
+            s["outputs"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(move |o| (stage.clone(), o["digest"].as_str().unwrap().to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    digests.sort();
+    digests
+}
+
+#[test]
+fn the_artifacts_do_not_depend_on_the_thread_count() {
+    let Some(project) = project() else { return };
+    // Shards, generation streams and candle's single-threaded ops are fixed by the
+    // recipe, so one thread and two threads must write the same bytes.
+    let run = |threads: &str, cache: &str| {
+        let mut command = project.command_with_cache(
+            &["run", "p.yaml", "--json", "--threads", threads],
+            &project.path(cache),
+        );
+        command.env_remove("RAYON_NUM_THREADS");
+        let run = project.rlhf_with(command);
+        run.assert_code(0);
+        run
+    };
+    let one = output_digests(&run("1", "cache1"));
+    let two = output_digests(&run("2", "cache2"));
+    assert!(one.iter().any(|(stage, _)| stage == "grpo"), "{one:?}");
+    assert_eq!(one, two);
+}
