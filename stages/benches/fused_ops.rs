@@ -102,6 +102,35 @@ fn main() {
             &[true, trainable],
         );
     }
+    let up_weight = random(&[688, hidden], 10);
+    compare(
+        "gated_mlp_input",
+        &|t| fused::gated_mlp_input(&t[0], &t[1], &t[2]),
+        &|t| fused::gated_mlp_input_reference(&t[0], &t[1], &t[2]),
+        &[x.clone(), weight.clone(), up_weight.clone()],
+        &[true, true, true],
+    );
+    let (gate_delta, up_delta) = (
+        random(&[batch * time, 688], 11),
+        random(&[batch * time, 688], 12),
+    );
+    compare(
+        "gated_mlp (LoRA)",
+        &|t| fused::gated_mlp_input_with_deltas(&t[0], &weight, &up_weight, &t[1], &t[2]),
+        &|t| fused::gated_mlp_input_with_deltas_reference(&t[0], &weight, &up_weight, &t[1], &t[2]),
+        &[x.clone(), gate_delta.clone(), up_delta],
+        &[true, true, true],
+    );
+    compare(
+        "linear (LoRA delta)",
+        &|t| fused::linear_with_delta(&t[0], &weight, &t[1]),
+        &|t| {
+            let y = fused::linear_reference(&t[0], &weight)?;
+            Ok((&y + t[1].reshape(y.shape())?)?)
+        },
+        &[x.clone(), gate_delta],
+        &[true, true],
+    );
     let (gate, up) = (
         random(&[batch, time, 688], 4),
         random(&[batch, time, 688], 5),
