@@ -129,8 +129,9 @@ fn max(a: &[f32]) -> f32 {
     a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
-/// The root mean square of one row, computed as candle's composite does (serial sum of
-/// squares, times 1/d, plus eps), so the fused norm matches it and the KV-cache path.
+/// The root mean square of one row, in the composite's order of operations (sum of
+/// squares, times 1/d, plus eps; callers divide by it), so the fused norm agrees with it
+/// and with the KV-cache path to an ulp or so.
 #[inline(always)]
 fn row_rms(row: &[f32], inv_dim: f32, eps: f32) -> f32 {
     let sum_squares = row.iter().fold(0f32, |s, v| s + v * v);
