@@ -84,7 +84,9 @@ fn merged_lora_equals_unmerged_forward() {
     );
     let merged = model.merge_lora().unwrap();
     assert!(merged.layers[0].self_attn.q_proj.lora.is_none());
-    assert!(max_abs_diff(&unmerged, &merged.forward(&ids, Some(&mask), None).unwrap()) < 1e-5);
+    // Merging reorders float sums: on logits near 6 the two differed by 3.5e-6 to 7.4e-6
+    // over 18 random B draws, so 1e-5 failed now and then; skipping the merge moves > 1e-2.
+    assert!(max_abs_diff(&unmerged, &merged.forward(&ids, Some(&mask), None).unwrap()) < 5e-5);
 }
 
 fn assert_every_var_has_nonzero_gradient(varmap: &VarMap, loss: &Tensor) {
