@@ -9,8 +9,9 @@
 //! - Base weights are plain tensors (frozen by construction). Trainable tensors (LoRA
 //!   A/B, heads, or every weight under full fine-tuning) are `Var`s of a
 //!   [`candle_nn::VarMap`] that the caller hands to the optimiser.
-//! - candle's fused ops drop gradients (../shared/NOTES.md), so every op here is an
-//!   explicit, differentiable composition.
+//! - candle's fused ops drop gradients (../shared/NOTES.md), so every op here is either
+//!   an explicit, differentiable composition or one of our own [`fused`] ops, which
+//!   carry a hand-written backward (tested against the composition they replace).
 
 pub mod causal_lm;
 pub mod config;
