@@ -87,6 +87,118 @@ struct Slot {
     updates: usize,
 }
 
+/// The scalars of one variable's update.
+struct UpdateCoefficients {
+    /// 1 - lr × weight decay (decoupled decay).
+    decay: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    inverse_bias_correction2_sqrt: f64,
+    /// lr / (1 - beta1^t).
+    step_size: f64,
+}
+
+/// One update with tensor ops (any dtype or device): ten intermediate tensors.
+fn tensor_update(
+    slot: &mut Slot,
+    grad: &Tensor,
+    c: &UpdateCoefficients,
+) -> candle_core::Result<()> {
+    let theta = slot.var.as_tensor();
+    let decayed = theta.affine(c.decay, 0.0)?;
+    let first = (slot.first_moment.affine(c.beta1, 0.0)? + grad.affine(1.0 - c.beta1, 0.0)?)?;
+    let second =
+        (slot.second_moment.affine(c.beta2, 0.0)? + grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+    let denominator = second
+        .sqrt()?
+        .affine(c.inverse_bias_correction2_sqrt, c.eps)?;
+    let update = (&first / denominator)?.affine(c.step_size, 0.0)?;
+    slot.var.set(&(decayed - update)?)?;
+    slot.first_moment = first;
+    slot.second_moment = second;
+    Ok(())
+}
+
+/// The contiguous f32 CPU data of `tensor`, if that is what it is.
+fn f32_data(tensor: &Tensor) -> Option<(candle_core::StorageRef<'_>, std::ops::Range<usize>)> {
+    let (storage, layout) = tensor.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) if cpu.as_slice::<f32>().is_ok() => {
+            Some((storage, start..end))
+        }
+        _ => None,
+    }
+}
+
+fn slice_of<'a>(
+    storage: &'a candle_core::StorageRef<'_>,
+    range: &std::ops::Range<usize>,
+) -> &'a [f32] {
+    match &**storage {
+        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().map_or(&[], |s| &s[range.clone()]),
+        _ => &[],
+    }
+}
+
+/// [`tensor_update`] in one pass over contiguous f32 CPU tensors: the same f32
+/// operations in the same order (candle's `affine(m, a)` is `x * m + a`), so the result
+/// is bitwise the same, without the intermediate tensors (AdamW took about 14 % of a
+/// full-model training step that way). Returns false, touching nothing, for other inputs.
+fn fused_update(
+    slot: &mut Slot,
+    grad: &Tensor,
+    c: &UpdateCoefficients,
+) -> candle_core::Result<bool> {
+    let (new_theta, new_first, new_second) = {
+        let parts = (
+            f32_data(slot.var.as_tensor()),
+            f32_data(&slot.first_moment),
+            f32_data(&slot.second_moment),
+            f32_data(grad),
+        );
+        let (Some(theta), Some(first), Some(second), Some(g)) = parts else {
+            return Ok(false);
+        };
+        let (theta, first, second, g) = (
+            slice_of(&theta.0, &theta.1),
+            slice_of(&first.0, &first.1),
+            slice_of(&second.0, &second.1),
+            slice_of(&g.0, &g.1),
+        );
+        let n = theta.len();
+        if first.len() != n || second.len() != n || g.len() != n {
+            return Ok(false);
+        }
+        let f = |x: f64| x as f32;
+        let (decay, beta1, one_minus_beta1) = (f(c.decay), f(c.beta1), f(1.0 - c.beta1));
+        let (beta2, one_minus_beta2) = (f(c.beta2), f(1.0 - c.beta2));
+        let (inverse_bc2, eps, step_size) =
+            (f(c.inverse_bias_correction2_sqrt), f(c.eps), f(c.step_size));
+        let mut new_theta = Vec::with_capacity(n);
+        let mut new_first = Vec::with_capacity(n);
+        let mut new_second = Vec::with_capacity(n);
+        for i in 0..n {
+            let m = (first[i] * beta1 + 0.0) + (g[i] * one_minus_beta1 + 0.0);
+            let v = (second[i] * beta2 + 0.0) + ((g[i] * g[i]) * one_minus_beta2 + 0.0);
+            let denominator = v.sqrt() * inverse_bc2 + eps;
+            let update = (m / denominator) * step_size + 0.0;
+            new_theta.push((theta[i] * decay + 0.0) - update);
+            new_first.push(m);
+            new_second.push(v);
+        }
+        (new_theta, new_first, new_second)
+    };
+    let shape = slot.var.shape().clone();
+    let device = slot.var.device().clone();
+    slot.var
+        .set(&Tensor::from_vec(new_theta, shape.clone(), &device)?)?;
+    slot.first_moment = Tensor::from_vec(new_first, shape.clone(), &device)?;
+    slot.second_moment = Tensor::from_vec(new_second, shape, &device)?;
+    Ok(true)
+}
+
 /// AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) as `torch.optim.AdamW` computes it:
 ///
 /// ```text
@@ -203,32 +315,17 @@ impl AdamW {
             slot.updates += 1;
             let bias_correction1 = 1.0 - beta1.powi(slot.updates as i32);
             let bias_correction2_sqrt = (1.0 - beta2.powi(slot.updates as i32)).sqrt();
-            let theta = slot.var.as_tensor();
-            let decayed = theta
-                .affine(1.0 - learning_rate * weight_decay, 0.0)
-                .map_err(&f)?;
-            let first = slot.first_moment.affine(beta1, 0.0).map_err(&f)?;
-            let first = (first + grad.affine(1.0 - beta1, 0.0).map_err(&f)?).map_err(&f)?;
-            let second = slot.second_moment.affine(beta2, 0.0).map_err(&f)?;
-            let second = (second
-                + grad
-                    .sqr()
-                    .map_err(&f)?
-                    .affine(1.0 - beta2, 0.0)
-                    .map_err(&f)?)
-            .map_err(&f)?;
-            let denominator = second
-                .sqrt()
-                .map_err(&f)?
-                .affine(1.0 / bias_correction2_sqrt, eps)
-                .map_err(&f)?;
-            let update = (&first / denominator)
-                .map_err(&f)?
-                .affine(learning_rate / bias_correction1, 0.0)
-                .map_err(&f)?;
-            slot.var.set(&(decayed - update).map_err(&f)?).map_err(&f)?;
-            slot.first_moment = first;
-            slot.second_moment = second;
+            let coefficients = UpdateCoefficients {
+                decay: 1.0 - learning_rate * weight_decay,
+                beta1,
+                beta2,
+                eps,
+                inverse_bias_correction2_sqrt: 1.0 / bias_correction2_sqrt,
+                step_size: learning_rate / bias_correction1,
+            };
+            if !fused_update(slot, &grad, &coefficients).map_err(&f)? {
+                tensor_update(slot, &grad, &coefficients).map_err(&f)?;
+            }
         }
         Ok(())
     }
@@ -333,5 +430,81 @@ impl AdamW {
             }
         })?;
         self.load_state_tensors(&state, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod fused_update_tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn slot(values: &[f32]) -> Slot {
+        let var = Var::new(values, &Device::Cpu).expect("var");
+        Slot {
+            name: "w".into(),
+            first_moment: var.zeros_like().expect("zeros"),
+            second_moment: var.zeros_like().expect("zeros"),
+            var,
+            updates: 0,
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.to_vec1::<f32>()
+            .expect("values")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn the_one_pass_update_is_bitwise_the_tensor_op_update() {
+        let start = [0.3f32, -1.7, 0.0, 2.5e-3, 41.0, -0.0, 7.25];
+        let (mut fused, mut reference) = (slot(&start), slot(&start));
+        for step in 1..=5 {
+            let grad: Vec<f32> = (0..start.len())
+                .map(|i| ((i * 7 + step * 3) % 11) as f32 * 0.37 - 1.6)
+                .collect();
+            let grad = Tensor::new(grad, &Device::Cpu).expect("grad");
+            let c = UpdateCoefficients {
+                decay: 1.0 - 1e-3 * 0.01,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                inverse_bias_correction2_sqrt: 1.0 / (1.0 - 0.999f64.powi(step as i32)).sqrt(),
+                step_size: 1e-3 / (1.0 - 0.9f64.powi(step as i32)),
+            };
+            assert!(fused_update(&mut fused, &grad, &c).expect("fused"));
+            tensor_update(&mut reference, &grad, &c).expect("reference");
+            assert_eq!(bits(fused.var.as_tensor()), bits(reference.var.as_tensor()));
+            assert_eq!(bits(&fused.first_moment), bits(&reference.first_moment));
+            assert_eq!(bits(&fused.second_moment), bits(&reference.second_moment));
+        }
+        assert_ne!(
+            bits(fused.var.as_tensor()),
+            bits(&Tensor::new(&start, &Device::Cpu).expect("t"))
+        );
+    }
+
+    #[test]
+    fn other_dtypes_take_the_tensor_op_path() {
+        let var = Var::new(&[1.0f64, 2.0], &Device::Cpu).expect("var");
+        let mut slot = Slot {
+            name: "w".into(),
+            first_moment: var.zeros_like().expect("zeros"),
+            second_moment: var.zeros_like().expect("zeros"),
+            var,
+            updates: 0,
+        };
+        let grad = Tensor::new(&[0.5f64, -0.5], &Device::Cpu).expect("grad");
+        let c = UpdateCoefficients {
+            decay: 1.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            inverse_bias_correction2_sqrt: 1.0,
+            step_size: 1e-3,
+        };
+        assert!(!fused_update(&mut slot, &grad, &c).expect("fused"));
     }
 }
