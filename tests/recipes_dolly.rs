@@ -50,7 +50,9 @@ fn common_overrides(model: &Path) -> Vec<String> {
         "dolly.split.eval=8".into(),
         "sft.max_steps=2".into(),
         "sft.batch_size=4".into(),
-        "rule_prefs.max_prompts=4".into(),
+        // The length rule ties every completion of a prompt now and then: with 4 prompts
+        // a change of sampling streams left no pair at all for the judge to train on.
+        "rule_prefs.max_prompts=12".into(),
         "rule_prefs.max_new_tokens=8".into(),
         "judge.max_steps=1".into(),
         "judge.batch_size=4".into(),
