@@ -46,7 +46,7 @@ pub fn step_seed(seed: u64, step: usize) -> u64 {
     u64::from_le_bytes(first)
 }
 
-/// The randomness of step `step`'s minibatch order and LoRA dropout.
+/// The randomness of step `step`'s minibatch order (LoRA dropout: `parallel::shard_rng`).
 pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     crate::train::training_loop::step_rng(seed ^ 0x5eed_0f_a1, step)
 }

@@ -103,7 +103,8 @@ pub fn plan_micro_batches(lengths: &[usize], settings: &TrainSettings) -> (Vec<V
     (micro, total)
 }
 
-/// The LoRA-dropout randomness of optimiser step `step`: independent of everything before.
+/// A random stream for optimiser step `step`, independent of everything before (the RL
+/// stages shuffle minibatches with it; dropout comes from [`shard_rng`]).
 pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(step as u64);
