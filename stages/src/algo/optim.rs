@@ -120,25 +120,15 @@ fn tensor_update(
     Ok(())
 }
 
-/// The contiguous f32 CPU data of `tensor`, if that is what it is.
-fn f32_data(tensor: &Tensor) -> Option<(candle_core::StorageRef<'_>, std::ops::Range<usize>)> {
-    let (storage, layout) = tensor.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) if cpu.as_slice::<f32>().is_ok() => {
-            Some((storage, start..end))
-        }
-        _ => None,
-    }
-}
-
-fn slice_of<'a>(
+/// The contiguous f32 CPU data behind a storage guard and layout, if that is what it is.
+fn f32_slice<'a>(
     storage: &'a candle_core::StorageRef<'_>,
-    range: &std::ops::Range<usize>,
-) -> &'a [f32] {
+    layout: &candle_core::Layout,
+) -> Option<&'a [f32]> {
+    let (start, end) = layout.contiguous_offsets()?;
     match &**storage {
-        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().map_or(&[], |s| &s[range.clone()]),
-        _ => &[],
+        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok()?.get(start..end),
+        _ => None,
     }
 }
 
@@ -152,21 +142,19 @@ fn fused_update(
     c: &UpdateCoefficients,
 ) -> candle_core::Result<bool> {
     let (new_theta, new_first, new_second) = {
-        let parts = (
-            f32_data(slot.var.as_tensor()),
-            f32_data(&slot.first_moment),
-            f32_data(&slot.second_moment),
-            f32_data(grad),
-        );
-        let (Some(theta), Some(first), Some(second), Some(g)) = parts else {
+        let guards = [
+            slot.var.as_tensor().storage_and_layout(),
+            slot.first_moment.storage_and_layout(),
+            slot.second_moment.storage_and_layout(),
+            grad.storage_and_layout(),
+        ];
+        let slices: Vec<&[f32]> = guards
+            .iter()
+            .filter_map(|(storage, layout)| f32_slice(storage, layout))
+            .collect();
+        let [theta, first, second, g] = slices[..] else {
             return Ok(false);
         };
-        let (theta, first, second, g) = (
-            slice_of(&theta.0, &theta.1),
-            slice_of(&first.0, &first.1),
-            slice_of(&second.0, &second.1),
-            slice_of(&g.0, &g.1),
-        );
         let n = theta.len();
         if first.len() != n || second.len() != n || g.len() != n {
             return Ok(false);

@@ -30,12 +30,14 @@ use crate::algo::masked::masked_mean;
 use crate::data::batch::shuffle;
 use crate::data::row::Row;
 use crate::model::{CausalLm, LoraConfig};
-use crate::parallel::{combine_shards, map_shards, shard_rng, split_into_shards, ShardLoss};
+use crate::parallel::ShardLoss;
 use crate::rl::judge::{RewardScorer, RuleJudge};
 use crate::rl::policy::{
     default_lora, encode_prompts, load_policy, sampling_settings, score_rollouts, Policy,
 };
-use crate::rl::rl_loop::{apply_update, run_rl_loop, LoopSettings, StepOutput, Trainer};
+use crate::rl::rl_loop::{
+    run_rl_loop, sharded_update, LoopSettings, StepOutput, Trainer, UpdateIndex,
+};
 use crate::rl::rollout::{frozen_logprobs, sample_rollouts, token_stats, SequenceBatch};
 use crate::rl::run_log::{step_prompts, step_rng, step_seed, RunLog};
 use crate::train::model_input::write_trained_model;
@@ -535,25 +537,21 @@ impl GrpoRun<'_> {
                     reference_logprobs: reference_logprobs.as_ref(),
                     advantages: &advantages,
                 };
-                let shards = split_into_shards(chunk, p.optimizer.shards);
-                let pass = update - step * p.iterations * p.mini_batches;
-                let outputs = map_shards(shards.len(), |k| {
-                    self.shard_loss(
-                        policy,
-                        &minibatch,
-                        shards[k],
-                        &mut shard_rng(seed, step, pass, k),
-                    )
-                })
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
-                let combined = combine_shards(&outputs).or_fail("reading the loss")?;
-                metrics.grad_norm += apply_update(
-                    trainer,
-                    &combined.weighted_losses,
-                    p.optimizer.max_grad_norm,
+                let index = UpdateIndex {
+                    seed,
+                    step,
+                    pass: update - step * p.iterations * p.mini_batches,
                     update,
+                };
+                let (combined, grad_norm) = sharded_update(
+                    trainer,
+                    chunk,
+                    p.optimizer.shards,
+                    &index,
+                    p.optimizer.max_grad_norm,
+                    |rows, rng| self.shard_loss(policy, &minibatch, rows, rng),
                 )?;
+                metrics.grad_norm += grad_norm;
                 update += 1;
                 metrics.count += 1;
                 metrics.loss += combined.loss;

@@ -40,12 +40,14 @@ use crate::algo::ppo::{
 use crate::data::batch::shuffle;
 use crate::data::row::Row;
 use crate::model::{CausalLm, LoraConfig, ScalarHead, ScalarHeadKind};
-use crate::parallel::{combine_shards, map_shards, shard_rng, split_into_shards, ShardLoss};
+use crate::parallel::ShardLoss;
 use crate::rl::judge::{RewardScorer, RuleJudge};
 use crate::rl::policy::{
     default_lora, encode_prompts, load_policy, sampling_settings, score_rollouts, Policy,
 };
-use crate::rl::rl_loop::{apply_update, run_rl_loop, LoopSettings, StepOutput, Trainer};
+use crate::rl::rl_loop::{
+    run_rl_loop, sharded_update, LoopSettings, StepOutput, Trainer, UpdateIndex,
+};
 use crate::rl::rollout::{frozen_logprobs, sample_rollouts, token_stats, SequenceBatch};
 use crate::rl::run_log::{step_prompts, step_rng, step_seed};
 use crate::train::model_input::write_trained_model;
@@ -580,31 +582,21 @@ impl PpoRun<'_> {
             let mut order: Vec<u32> = (0..rows as u32).collect();
             shuffle(&mut order, &mut rng);
             for chunk in order.chunks(rows.div_ceil(p.mini_batches)) {
-                let shards = split_into_shards(chunk, p.optimizer.shards);
-                let pass = update - step * p.ppo_epochs * p.mini_batches;
-                let outputs = map_shards(shards.len(), |k| {
-                    self.shard_loss(
-                        policy,
-                        experience,
-                        shards[k],
-                        &mut shard_rng(seed, step, pass, k),
-                    )
-                })
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
-                let combined = combine_shards(&outputs).or_fail("reading the loss")?;
-                if !combined.loss.is_finite() {
-                    return Err(StageError::failed_with_hint(
-                        format!("ppo: the loss became {} at step {}", combined.loss, step + 1),
-                        "lower `learning_rate` or set `score_clip`; a rerun resumes from the last checkpoint",
-                    ));
-                }
-                metrics.grad_norm += apply_update(
-                    trainer,
-                    &combined.weighted_losses,
-                    p.optimizer.max_grad_norm,
+                let index = UpdateIndex {
+                    seed,
+                    step,
+                    pass: update - step * p.ppo_epochs * p.mini_batches,
                     update,
+                };
+                let (combined, grad_norm) = sharded_update(
+                    trainer,
+                    chunk,
+                    p.optimizer.shards,
+                    &index,
+                    p.optimizer.max_grad_norm,
+                    |rows, rng| self.shard_loss(policy, experience, rows, rng),
                 )?;
+                metrics.grad_norm += grad_norm;
                 update += 1;
                 metrics.count += 1;
                 for (name, value) in combined.metrics {

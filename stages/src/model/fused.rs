@@ -54,6 +54,15 @@ fn last_dim(shape: &Shape) -> usize {
     shape.dims().last().copied().unwrap_or(1)
 }
 
+/// `shape` with its last dimension replaced by `last` (a projection's output shape).
+fn with_last_dim(shape: &Shape, last: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(slot) = dims.last_mut() {
+        *slot = last;
+    }
+    Shape::from(dims)
+}
+
 // ---------------------------------------------------------------- linear
 
 /// `x W^T`: x (..., in), weight (out, in) → (..., out), one graph node. Its backward
@@ -105,11 +114,7 @@ impl CustomOp2 for LinearOp {
         let lhs = Layout::contiguous_with_offset((rows, in_dim), l1.start_offset());
         let rhs = l2.transpose(0, 1)?; // (in, out) view of the weight
         let y = s1.matmul(s2, (1, rows, out_dim, in_dim), &lhs, &rhs)?;
-        let mut dims = l1.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out_dim;
-        }
-        Ok((y, Shape::from(dims)))
+        Ok((y, with_last_dim(l1.shape(), out_dim)))
     }
 
     fn bwd(

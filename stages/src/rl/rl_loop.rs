@@ -7,9 +7,13 @@ use super::run_log::{named, RunLog};
 use crate::algo::optim::{AdamW, AdamWConfig};
 use crate::algo::schedule::LearningRateSchedule;
 use crate::data::row::Row;
+use crate::parallel::{
+    combine_shards, map_shards, shard_rng, split_into_shards, CombinedShards, ShardLoss,
+};
 use crate::train::settings::OptimizerParams;
 use crate::train::StageResultExt;
 use candle_core::Var;
+use rand_chacha::ChaCha8Rng;
 use rlhf_engine::{StageContext, StageError};
 use std::time::Instant;
 
@@ -126,6 +130,56 @@ pub fn run_rl_loop(
     }
     task.finish();
     Ok(log)
+}
+
+/// Which optimiser update a [`sharded_update`] is: the stage seed, the RL step, the
+/// update's index within the step (its pass) and over the whole run.
+pub struct UpdateIndex {
+    pub seed: u64,
+    pub step: usize,
+    pub pass: usize,
+    pub update: usize,
+}
+
+/// One optimiser update over `rows` of a step's batch: the rows cut into `shards`
+/// shards whose losses `shard_loss(rows, dropout rng)` run in parallel, combined by
+/// their weights ([`crate::parallel`]), then [`apply_update`]. Returns the combined
+/// shards and the gradient norm before clipping.
+pub fn sharded_update(
+    trainer: &mut Trainer,
+    rows: &[u32],
+    shards: usize,
+    index: &UpdateIndex,
+    max_grad_norm: Option<f64>,
+    shard_loss: impl Fn(&[u32], &mut ChaCha8Rng) -> Result<ShardLoss, StageError> + Sync,
+) -> Result<(CombinedShards, f64), StageError> {
+    let parts = split_into_shards(rows, shards);
+    let outputs = map_shards(parts.len(), |k| {
+        shard_loss(
+            parts[k],
+            &mut shard_rng(index.seed, index.step, index.pass, k),
+        )
+    })
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let combined = combine_shards(&outputs).or_fail("reading the loss")?;
+    if !combined.loss.is_finite() {
+        return Err(StageError::failed_with_hint(
+            format!(
+                "the loss became {} at step {}",
+                combined.loss,
+                index.step + 1
+            ),
+            "lower `learning_rate` (PPO: or set `score_clip`); a rerun resumes from the last checkpoint",
+        ));
+    }
+    let grad_norm = apply_update(
+        trainer,
+        &combined.weighted_losses,
+        max_grad_norm,
+        index.update,
+    )?;
+    Ok((combined, grad_norm))
 }
 
 /// Backpropagates the weighted shard losses (see [`crate::parallel`]), clips the

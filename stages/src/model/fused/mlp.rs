@@ -6,7 +6,7 @@
 use super::kernels::{
     contiguous_f32, silu_mul_backward, silu_mul_forward, silu_mul_rows, silu_mul_rows_backward,
 };
-use super::{fusable, linear_reference, silu_mul_reference, CandleResult};
+use super::{fusable, linear_reference, silu_mul_reference, with_last_dim, CandleResult};
 use crate::model::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, D};
@@ -112,11 +112,7 @@ impl CustomOp3 for GatedMlpInputOp {
                 *slot = Some(Kept { gate_up, weights });
             }
         }
-        let mut dims = l1.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = inter;
-        }
-        Ok((CpuStorage::F32(hidden), Shape::from(dims)))
+        Ok((CpuStorage::F32(hidden), with_last_dim(l1.shape(), inter)))
     }
 
     fn bwd(
@@ -285,11 +281,7 @@ impl CustomOp3 for GatedMlpDeltaOp {
                 *slot = Some((gate, up));
             }
         }
-        let mut dims = l1.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = inter;
-        }
-        Ok((CpuStorage::F32(hidden), Shape::from(dims)))
+        Ok((CpuStorage::F32(hidden), with_last_dim(l1.shape(), inter)))
     }
 
     fn bwd(
