@@ -20,6 +20,7 @@ pub mod model;
 pub mod parallel;
 pub mod report;
 pub mod rl;
+mod simd;
 pub mod testing;
 pub mod train;
 

@@ -130,17 +130,23 @@ pub fn weighted_backward(losses: &[(Tensor, f64)], vars: &[Var]) -> candle_core:
         let (loss, weight) = &losses[k];
         (loss * *weight)?.backward()
     });
+    let stores = stores
+        .into_iter()
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    // One sum per variable, the variables spread over the threads.
+    let totals = map_shards(vars.len(), |v| {
+        let var = vars[v].as_tensor();
+        let mut grads = stores.iter().filter_map(|store| store.get(var));
+        let Some(first) = grads.next() else {
+            return Ok(None);
+        };
+        grads
+            .try_fold(first.clone(), |total, grad| total + grad)
+            .map(Some)
+    });
     let mut sum = GradStore::default();
-    for store in stores {
-        let store = store?;
-        for var in vars {
-            let Some(grad) = store.get(var.as_tensor()) else {
-                continue;
-            };
-            let total = match sum.get(var.as_tensor()) {
-                Some(previous) => (previous + grad)?,
-                None => grad.clone(),
-            };
+    for (var, total) in vars.iter().zip(totals) {
+        if let Some(total) = total? {
             sum.insert(var.as_tensor(), total);
         }
     }
