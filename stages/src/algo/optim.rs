@@ -31,29 +31,63 @@ pub fn clip_grad_norm(
     max_norm: f64,
 ) -> Result<f64, AlgoError> {
     let f = at("clip_grad_norm");
-    let mut squared_sum = 0f64;
-    for var in vars {
-        if let Some(grad) = grads.get(var.as_tensor()) {
-            let squares = grad
-                .to_dtype(DType::F64)
-                .map_err(&f)?
-                .sqr()
-                .map_err(&f)?
-                .sum_all()
-                .map_err(&f)?;
-            squared_sum += squares.to_scalar::<f64>().map_err(&f)?;
-        }
+    let present: Vec<(&Var, Tensor)> = vars
+        .iter()
+        .filter_map(|var| Some((var, grads.get(var.as_tensor())?.clone())))
+        .collect();
+    // Each variable's sum on its own thread, then added in variable order: the same
+    // total whatever the thread count.
+    let sums = map_shards(present.len(), |i| squared_sum(&present[i].1));
+    let mut squared_total = 0f64;
+    for sum in sums {
+        squared_total += sum.map_err(&f)?;
     }
-    let total_norm = squared_sum.sqrt();
+    let total_norm = squared_total.sqrt();
     let coefficient = max_norm / (total_norm + 1e-6);
     if total_norm.is_finite() && coefficient < 1.0 {
-        for var in vars {
-            if let Some(grad) = grads.remove(var.as_tensor()) {
-                grads.insert(var.as_tensor(), grad.affine(coefficient, 0.0).map_err(&f)?);
+        let scaled = map_shards(present.len(), |i| {
+            scale_in_place(&present[i].1, coefficient)
+        });
+        for ((var, grad), done) in present.iter().zip(scaled) {
+            if !done.map_err(&f)? {
+                let scaled = grad.affine(coefficient, 0.0).map_err(&f)?;
+                grads.insert(var.as_tensor(), scaled);
             }
         }
     }
     Ok(total_norm)
+}
+
+/// Σ g² in f64: one pass over contiguous f32 CPU data, else tensor ops. Both square in
+/// f64 and add in element order, as candle's sum does.
+fn squared_sum(grad: &Tensor) -> candle_core::Result<f64> {
+    {
+        let (storage, layout) = grad.storage_and_layout();
+        if let Some(values) = f32_slice(&storage, layout) {
+            let mut sum = 0f64;
+            for &x in values {
+                let x = f64::from(x);
+                sum += x * x;
+            }
+            return Ok(sum);
+        }
+    }
+    grad.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()
+}
+
+/// `grad ← grad × coefficient` in place, rounded as candle's `affine(coefficient, 0)`;
+/// false, touching nothing, when the data is not contiguous f32 on the CPU.
+fn scale_in_place(grad: &Tensor, coefficient: f64) -> candle_core::Result<bool> {
+    let coefficient = coefficient as f32;
+    let done = with_f32_data_mut(grad, |values| {
+        for x in values.iter_mut() {
+            *x = *x * coefficient + 0.0;
+        }
+    })?;
+    Ok(done.is_some())
 }
 
 /// AdamW hyper-parameters; the defaults are `torch.optim.AdamW`'s.
@@ -614,5 +648,55 @@ mod fused_update_tests {
                 .expect("m"),
             first
         );
+    }
+}
+
+#[cfg(test)]
+mod clip_fast_path_tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(n: usize) -> Tensor {
+        let data: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 + 11) % 101) as f32 * 0.173 - 8.1)
+            .collect();
+        Tensor::new(data, &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn squared_sum_is_bitwise_candles_f64_sum() {
+        let grad = values(1003);
+        let reference = grad
+            .to_dtype(DType::F64)
+            .and_then(|g| g.sqr())
+            .and_then(|g| g.sum_all())
+            .and_then(|g| g.to_scalar::<f64>())
+            .expect("reference");
+        assert_eq!(
+            squared_sum(&grad).expect("sum").to_bits(),
+            reference.to_bits()
+        );
+        // A strided view takes the tensor-op path and agrees.
+        let matrix = values(12).reshape((3, 4)).expect("reshape");
+        let strided = matrix.t().expect("transpose");
+        let expected = squared_sum(&matrix).expect("sum");
+        assert_eq!(squared_sum(&strided).expect("sum"), expected);
+    }
+
+    #[test]
+    fn scaling_in_place_is_bitwise_affine() {
+        let grad = values(531);
+        let reference = grad
+            .affine(0.37, 0.0)
+            .expect("affine")
+            .to_vec1::<f32>()
+            .expect("v");
+        let copy = grad.copy().expect("copy");
+        assert!(scale_in_place(&copy, 0.37).expect("scale"));
+        let scaled = copy.to_vec1::<f32>().expect("v");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&scaled), bits(&reference));
+        let strided = values(12).reshape((3, 4)).expect("r").t().expect("t");
+        assert!(!scale_in_place(&strided, 0.5).expect("strided"));
     }
 }

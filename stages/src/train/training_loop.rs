@@ -6,8 +6,9 @@
 //! The loop owns no model: the closure does the forward pass, so each kind's file shows
 //! its own loss in full. Micro-batch `k` of the whole run is the `k`-th batch of the
 //! epochs' seeded batch lists laid end to end, so resuming at step `s` only needs `s`.
-//! Each micro-batch is cut into `optimizer.shards` shards computed in parallel
-//! ([`crate::parallel`]) and weighted so the step equals the unsharded one.
+//! Each micro-batch is cut into `optimizer.shards` shards of similar padded length,
+//! computed in parallel ([`crate::parallel`]) and weighted so the step equals the
+//! unsharded one.
 
 use super::checkpoint::{load_latest_checkpoint, new_state, save_checkpoint, MetricLine};
 use super::settings::TrainSettings;
@@ -15,7 +16,7 @@ use super::StageResultExt;
 use crate::algo::optim::{clip_grad_norm, AdamW};
 use crate::data::batch::epoch_batches;
 use crate::parallel::{
-    combine_shards, map_shards, shard_rng, split_into_shards, weighted_backward, ShardLoss,
+    combine_shards, map_shards, shard_rng, split_by_padded_length, weighted_backward, ShardLoss,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -164,9 +165,9 @@ pub fn run_training(
         let (mut loss_sum, mut tokens, mut examples) = (0.0, 0, 0);
         let mut extra: Vec<(&'static str, f64)> = Vec::new();
         for (micro, batch) in batches.iter().enumerate() {
-            let shards = split_into_shards(batch, settings.optimizer.shards);
+            let shards = split_by_padded_length(batch, lengths, settings.optimizer.shards);
             let outputs = map_shards(shards.len(), |k| {
-                micro_step(shards[k], &mut shard_rng(settings.seed, step, micro, k))
+                micro_step(&shards[k], &mut shard_rng(settings.seed, step, micro, k))
             })
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
