@@ -142,8 +142,10 @@ impl LoraAdapter {
             }
             _ => x.clone(),
         };
-        let down = x.matmul(&self.a.t()?)?; // (n, r)
-        Ok((down.matmul(&self.b.t()?)? * self.scale)?) // (n, out)
+        // Scaled at rank r, where it is n × r multiplications instead of n × out (and
+        // as many again in the backward pass).
+        let down = (x.matmul(&self.a.t()?)? * self.scale)?; // (n, r)
+        Ok(down.matmul(&self.b.t()?)?) // (n, out)
     }
 
     /// `scale * B A`, (out, in): what merging adds to the base weight.
