@@ -38,7 +38,9 @@ use crate::rl::policy::{
 use crate::rl::rl_loop::{
     run_rl_loop, sharded_update, LoopSettings, StepOutput, Trainer, UpdateIndex,
 };
-use crate::rl::rollout::{frozen_logprobs, sample_rollouts, token_stats, SequenceBatch};
+use crate::rl::rollout::{
+    frozen_logprobs, sample_rollouts, token_stats, SequenceBatch, FROZEN_CHUNK_ROWS,
+};
 use crate::rl::run_log::{step_prompts, step_rng, step_seed, RunLog};
 use crate::train::model_input::write_trained_model;
 use crate::train::settings::OptimizerParams;
@@ -510,13 +512,24 @@ impl GrpoRun<'_> {
         .or_fail("advantages")?;
         let batch = SequenceBatch::new(&rollouts, codec.special.pad)?;
         let reference_logprobs = match self.reference {
-            Some(model) => Some(frozen_logprobs(model, &batch, p.temperature, None, 64)?.0),
+            Some(model) => {
+                Some(frozen_logprobs(model, &batch, p.temperature, None, FROZEN_CHUNK_ROWS)?.0)
+            }
             None => None,
         };
         // One pass: the ratio is exactly 1 with a live gradient (TRL); several passes
         // need the sampling policy's log-probs, fixed before the first update.
         let old_logprobs = if p.iterations > 1 {
-            Some(frozen_logprobs(&policy.model, &batch, p.temperature, None, 64)?.0)
+            Some(
+                frozen_logprobs(
+                    &policy.model,
+                    &batch,
+                    p.temperature,
+                    None,
+                    FROZEN_CHUNK_ROWS,
+                )?
+                .0,
+            )
         } else {
             None
         };

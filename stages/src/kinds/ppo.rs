@@ -48,7 +48,9 @@ use crate::rl::policy::{
 use crate::rl::rl_loop::{
     run_rl_loop, sharded_update, LoopSettings, StepOutput, Trainer, UpdateIndex,
 };
-use crate::rl::rollout::{frozen_logprobs, sample_rollouts, token_stats, SequenceBatch};
+use crate::rl::rollout::{
+    frozen_logprobs, sample_rollouts, token_stats, SequenceBatch, FROZEN_CHUNK_ROWS,
+};
 use crate::rl::run_log::{step_prompts, step_rng, step_seed};
 use crate::train::model_input::write_trained_model;
 use crate::train::settings::OptimizerParams;
@@ -438,14 +440,19 @@ impl PpoRun<'_> {
             &batch,
             p.temperature,
             Some(self.value_head),
-            64,
+            FROZEN_CHUNK_ROWS,
         )?;
         let old_values = (old_values
             .ok_or_else(|| StageError::failed("the value head returned nothing"))?
             * &mask)
             .or_fail("values")?;
-        let (reference_logprobs, _) =
-            frozen_logprobs(self.reference, &batch, p.temperature, None, 64)?;
+        let (reference_logprobs, _) = frozen_logprobs(
+            self.reference,
+            &batch,
+            p.temperature,
+            None,
+            FROZEN_CHUNK_ROWS,
+        )?;
         let kl = (kl_estimate(&old_logprobs, &reference_logprobs, p.kl.estimator).or_fail("KL")?
             * &mask)
             .or_fail("KL")?;

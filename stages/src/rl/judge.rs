@@ -9,6 +9,7 @@
 use crate::data::row::Row;
 use crate::eval::metrics::exact_match;
 use crate::model::{CausalLm, RewardHead, Trainability};
+use crate::parallel::map_shards;
 use crate::train::StageResultExt;
 use candle_core::{DType, Device};
 use rlhf_engine::StageError;
@@ -133,8 +134,8 @@ pub struct RewardScorer {
     pub pad: u32,
 }
 
-/// Sequences scored per forward pass.
-const SCORE_BATCH: usize = 64;
+/// Sequences scored per forward pass; the passes share the compute threads.
+const SCORE_BATCH: usize = 16;
 
 impl RewardScorer {
     /// Loads a `reward_model` artifact folder (config.json, model.safetensors with
@@ -158,25 +159,32 @@ impl RewardScorer {
 
     /// One reward per (prompt, completion) pair of token ids, in order.
     pub fn score(&self, replies: &[(&[u32], &[u32])]) -> Result<Vec<f64>, StageError> {
+        // Fixed chunks spread over the compute threads: the same numbers on any count.
+        let chunks: Vec<&[(&[u32], &[u32])]> = replies.chunks(SCORE_BATCH).collect();
+        let scored = map_shards(chunks.len(), |k| self.score_chunk(chunks[k]));
         let mut scores = Vec::with_capacity(replies.len());
-        for chunk in replies.chunks(SCORE_BATCH) {
-            let batch = crate::data::batch::Batch::from_parts(chunk, self.pad);
-            let ids = batch.input_ids_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
-            let mask = batch.attention_mask_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
-            let reply_mask = batch.loss_mask_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
-            let hidden = self
-                .model
-                .hidden_states(&ids, Some(&mask), None)
-                .or_fail("reward model forward pass")?; // (b, t, d)
-            let rewards = self
-                .head
-                .rewards(&self.model, &ids, &hidden, &mask, &reply_mask, false)
-                .or_fail("reward head")?
-                .0; // (b,)
-            let values: Vec<f32> = rewards.to_vec1().or_fail("reading rewards")?;
-            scores.extend(values.into_iter().map(f64::from));
+        for chunk in scored {
+            scores.extend(chunk?);
         }
         Ok(scores)
+    }
+
+    fn score_chunk(&self, chunk: &[(&[u32], &[u32])]) -> Result<Vec<f64>, StageError> {
+        let batch = crate::data::batch::Batch::from_parts(chunk, self.pad);
+        let ids = batch.input_ids_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
+        let mask = batch.attention_mask_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
+        let reply_mask = batch.loss_mask_tensor(&Device::Cpu).or_fail("batch")?; // (b, t)
+        let hidden = self
+            .model
+            .hidden_states(&ids, Some(&mask), None)
+            .or_fail("reward model forward pass")?; // (b, t, d)
+        let rewards = self
+            .head
+            .rewards(&self.model, &ids, &hidden, &mask, &reply_mask, false)
+            .or_fail("reward head")?
+            .0; // (b,)
+        let values: Vec<f32> = rewards.to_vec1().or_fail("reading rewards")?;
+        Ok(values.into_iter().map(f64::from).collect())
     }
 }
 

@@ -227,8 +227,14 @@ pub fn token_stats(
     })
 }
 
+/// Rows per forward pass of [`frozen_logprobs`] in the RL stages: small enough that a
+/// BENCH.md rollout batch (64 rows) keeps every thread busy.
+pub const FROZEN_CHUNK_ROWS: usize = 16;
+
 /// Per-token log-probs of a frozen model (reference, or the policy before an update),
-/// computed without a graph in chunks of `chunk` rows.
+/// computed without a graph in chunks of `chunk` rows, spread over the compute threads.
+/// The chunks are fixed by `chunk` alone, so the numbers do not depend on the thread
+/// count.
 pub fn frozen_logprobs(
     model: &CausalLm,
     batch: &SequenceBatch,
@@ -237,9 +243,9 @@ pub fn frozen_logprobs(
     chunk: usize,
 ) -> Result<(Tensor, Option<Tensor>), StageError> {
     let rows = batch.rows();
-    let (mut logprobs, mut values) = (Vec::new(), Vec::new());
-    for start in (0..rows).step_by(chunk.max(1)) {
-        let length = chunk.min(rows - start);
+    let starts: Vec<usize> = (0..rows).step_by(chunk.max(1)).collect();
+    let parts = map_shards(starts.len(), |k| {
+        let (start, length) = (starts[k], chunk.min(rows - starts[k]));
         let part = SequenceBatch {
             input_ids: batch.input_ids.narrow(0, start, length).or_fail("chunk")?,
             attention_mask: batch
@@ -252,10 +258,13 @@ pub fn frozen_logprobs(
                 .or_fail("chunk")?,
         };
         let stats = token_stats(model, &part, temperature, value_head, None)?;
-        logprobs.push(stats.logprobs.detach());
-        if let Some(v) = stats.values {
-            values.push(v.detach());
-        }
+        Ok::<_, StageError>((stats.logprobs.detach(), stats.values.map(|v| v.detach())))
+    });
+    let (mut logprobs, mut values) = (Vec::new(), Vec::new());
+    for part in parts {
+        let (part_logprobs, part_values) = part?;
+        logprobs.push(part_logprobs);
+        values.extend(part_values);
     }
     let logprobs = Tensor::cat(&logprobs, 0).or_fail("concatenating log-probs")?;
     let values = if values.is_empty() {
@@ -264,4 +273,74 @@ pub fn frozen_logprobs(
         Some(Tensor::cat(&values, 0).or_fail("concatenating values")?)
     };
     Ok((logprobs, values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LlamaConfig, ScalarHeadKind, Trainability};
+    use candle_core::DType;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn frozen_passes_in_chunks_match_one_pass_row_for_row() {
+        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 40, "max_position_embeddings": 32
+        }))
+        .expect("config");
+        let model = CausalLm::random(config, 3, DType::F32, &Device::Cpu, Trainability::Frozen)
+            .expect("model");
+        let varmap = VarMap::new();
+        let head = ScalarHead::new(
+            ScalarHeadKind::Value,
+            32,
+            &varmap,
+            "value.",
+            5,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .expect("head");
+        let rows = 7;
+        let rollouts = Rollouts {
+            row_index: (0..rows).collect(),
+            prompts: (0..rows)
+                .map(|i| (0..2 + i % 3).map(|t| (3 + i + t) as u32).collect())
+                .collect(),
+            completions: (0..rows)
+                .map(|i| {
+                    (0..1 + i % 4)
+                        .map(|t| (7 + 2 * i + t) as u32 % 40)
+                        .collect()
+                })
+                .collect(),
+            has_eos: vec![false; rows],
+            texts: vec![String::new(); rows],
+            seconds: 0.0,
+        };
+        let batch = SequenceBatch::new(&rollouts, 0).expect("batch");
+        let (whole, whole_values) =
+            frozen_logprobs(&model, &batch, 1.0, Some(&head), rows).expect("whole");
+        let (chunked, chunked_values) =
+            frozen_logprobs(&model, &batch, 1.0, Some(&head), 3).expect("chunked");
+        let close = |a: &Tensor, b: &Tensor| {
+            assert_eq!(a.dims(), b.dims());
+            let diff = (a - b)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f32>());
+            assert!(diff.expect("diff") < 1e-5);
+        };
+        close(&whole, &chunked);
+        close(
+            &whole_values.expect("values"),
+            &chunked_values.expect("values"),
+        );
+        // Not all zero: the comparison has something to compare.
+        let total =
+            (whole * &batch.response_mask).and_then(|t| t.abs()?.sum_all()?.to_scalar::<f32>());
+        assert!(total.expect("sum") > 1.0);
+    }
 }
