@@ -39,7 +39,8 @@ use crate::rl::rl_loop::{
     run_rl_loop, sharded_update, LoopSettings, StepOutput, Trainer, UpdateIndex,
 };
 use crate::rl::rollout::{
-    frozen_logprobs, sample_rollouts, token_stats, SequenceBatch, FROZEN_CHUNK_ROWS,
+    frozen_logprobs, sample_rollouts, shared_prompt_token_stats, token_stats, Rollouts,
+    SequenceBatch, FROZEN_CHUNK_ROWS,
 };
 use crate::rl::run_log::{step_prompts, step_rng, step_seed, RunLog};
 use crate::train::model_input::write_trained_model;
@@ -377,6 +378,8 @@ fn scalar(t: &Tensor) -> Result<f64, StageError> {
 /// What the shards of one optimiser update read from.
 struct Minibatch<'a> {
     batch: &'a SequenceBatch,
+    /// The rows' prompts and completions, to run each group's prompt once.
+    rollouts: &'a Rollouts,
     /// The sampling policy's log-probs (several passes only).
     old_logprobs: Option<&'a Tensor>,
     reference_logprobs: Option<&'a Tensor>,
@@ -395,7 +398,24 @@ impl GrpoRun<'_> {
         let p = self.params;
         let index = Tensor::new(rows, &Device::Cpu).or_fail("minibatch")?;
         let shard = minibatch.batch.select(&index)?;
-        let stats = token_stats(&policy.model, &shard, p.temperature, None, Some(rng))?;
+        // A group's completions share their prompt: run it once per group. With LoRA
+        // dropout the shared run would also share the prompt's dropout mask across the
+        // group, so dropout keeps one row per completion.
+        let dropout = policy.model.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
+        let stats = if dropout {
+            token_stats(&policy.model, &shard, p.temperature, None, Some(rng))?
+        } else {
+            let rollouts = minibatch.rollouts;
+            let parts: Vec<(&[u32], &[u32])> = rows
+                .iter()
+                .map(|&r| {
+                    let r = r as usize;
+                    (&rollouts.prompts[r][..], &rollouts.completions[r][..])
+                })
+                .collect();
+            let time = shard.input_ids.dims()[1];
+            shared_prompt_token_stats(&policy.model, &parts, time, p.temperature, Some(rng))?
+        };
         let pick = |t: &Tensor| t.index_select(&index, 0).or_fail("minibatch");
         let old = match minibatch.old_logprobs {
             Some(o) => pick(o)?,
@@ -546,6 +566,7 @@ impl GrpoRun<'_> {
             for chunk in order.chunks(rows.div_ceil(p.mini_batches)) {
                 let minibatch = Minibatch {
                     batch: &batch,
+                    rollouts: &rollouts,
                     old_logprobs: old_logprobs.as_ref(),
                     reference_logprobs: reference_logprobs.as_ref(),
                     advantages: &advantages,

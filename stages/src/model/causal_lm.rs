@@ -195,6 +195,19 @@ impl CausalLm {
         self.run_layers(input_ids, position_ids, &mask, rng)
     }
 
+    /// Final hidden states (b, t, d) under an explicit additive attention `bias`
+    /// (b, 1, t, t) and `position_ids` (b, t): for packed sequences, where one row holds
+    /// several sequences that must not see each other.
+    pub fn hidden_states_with_bias(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        bias: &Tensor,
+        rng: DropoutRng,
+    ) -> Result<Tensor> {
+        self.run_layers(input_ids, position_ids, &bias.to_dtype(self.dtype())?, rng)
+    }
+
     /// The RoPE inverse frequencies (head_dim / 2,), for the generation decoder.
     pub(crate) fn rope_inv_freq(&self) -> Result<Vec<f32>> {
         self.rope.inv_freq()
@@ -328,7 +341,8 @@ pub(crate) fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
 
 /// The large negative added to masked attention scores: finite, so a row with every
 /// key masked (a pad query under left padding) gives uniform weights instead of NaN.
-fn masked_value(dtype: DType) -> f32 {
+/// The additive bias that hides a key (finite: an all-hidden row stays a number).
+pub(crate) fn masked_value(dtype: DType) -> f32 {
     match dtype {
         DType::F16 => -65504.0,
         DType::BF16 => -1e30,
