@@ -224,6 +224,16 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Each row's `(prompt, target)` tokens, padding dropped.
+    pub fn rows(&self) -> Vec<(&[u32], &[u32])> {
+        (0..self.batch_size)
+            .map(|r| {
+                let row = &self.input_ids[r * self.seq_len..][..self.lengths[r]];
+                row.split_at(self.prompt_lengths[r])
+            })
+            .collect()
+    }
+
     /// Pads `(prompt, target)` sequences; the loss covers the target tokens.
     pub fn from_parts(parts: &[(&[u32], &[u32])], pad: u32) -> Batch {
         let batch_size = parts.len();

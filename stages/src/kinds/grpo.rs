@@ -401,8 +401,7 @@ impl GrpoRun<'_> {
         // A group's completions share their prompt: run it once per group. With LoRA
         // dropout the shared run would also share the prompt's dropout mask across the
         // group, so dropout keeps one row per completion.
-        let dropout = policy.model.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-        let stats = if dropout {
+        let stats = if policy.model.applies_dropout() {
             token_stats(&policy.model, &shard, p.temperature, None, Some(rng))?
         } else {
             let rollouts = minibatch.rollouts;
@@ -413,8 +412,7 @@ impl GrpoRun<'_> {
                     (&rollouts.prompts[r][..], &rollouts.completions[r][..])
                 })
                 .collect();
-            let time = shard.input_ids.dims()[1];
-            shared_prompt_token_stats(&policy.model, &parts, time, p.temperature, Some(rng))?
+            shared_prompt_token_stats(&policy.model, &parts, &shard, p.temperature, Some(rng))?
         };
         let pick = |t: &Tensor| t.index_select(&index, 0).or_fail("minibatch");
         let old = match minibatch.old_logprobs {

@@ -30,7 +30,6 @@ use crate::train::training_loop::{run_training, MicroBatchOutput};
 use crate::train::{
     log_throughput, next_token_loss, read_dataset, set_summary_metrics, StageResultExt,
 };
-use candle_core::Device;
 use candle_nn::VarMap;
 use rlhf_engine::{
     ArtifactKind, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
@@ -154,10 +153,7 @@ impl Stage for PretrainStage {
         let micro_step = |indices: &[usize], rng: &mut rand_chacha::ChaCha8Rng| {
             let refs: Vec<&[u32]> = indices.iter().map(|&i| texts[i].as_slice()).collect();
             let batch = collate_texts(&refs, pad);
-            let device = Device::Cpu;
-            let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (b, t)
-            let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (b, t)
-            let (loss, scored_tokens) = next_token_loss(&model, &ids, &attention, &attention, rng)?;
+            let (loss, scored_tokens) = next_token_loss(&model, &batch, rng)?;
             Ok(MicroBatchOutput {
                 loss,
                 weight: scored_tokens,

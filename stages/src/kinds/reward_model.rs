@@ -39,7 +39,9 @@ use crate::train::settings::{
     default_checkpoint_every, default_max_length, default_true, OptimizerParams, TrainSettings,
 };
 use crate::train::training_loop::{run_training, MicroBatchOutput};
-use crate::train::{log_throughput, read_dataset, set_summary_metrics, StageResultExt};
+use crate::train::{
+    batch_hidden_states, log_throughput, read_dataset, set_summary_metrics, StageResultExt,
+};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand_chacha::ChaCha8Rng;
@@ -347,10 +349,7 @@ fn pair_rewards(
     let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (2b, t)
     let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (2b, t)
     let replies = batch.loss_mask_tensor(&device).or_fail("batch")?; // (2b, t)
-    let mut rng = rng;
-    let hidden = model
-        .hidden_states_with(&ids, Some(&attention), None, &mut rng)
-        .or_fail("forward pass")?; // (2b, t, d)
+    let hidden = batch_hidden_states(model, &batch, rng)?; // (2b, t, d)
     let (rewards, logprobs) = head
         .rewards(
             model,

@@ -30,7 +30,6 @@ use crate::train::training_loop::{run_training, MicroBatchOutput};
 use crate::train::{
     log_throughput, next_token_loss, read_dataset, set_summary_metrics, StageResultExt,
 };
-use candle_core::Device;
 use candle_nn::VarMap;
 use rlhf_engine::{
     ArtifactKind, InputPort, OutputPort, Ports, PortsError, Stage, StageContext, StageError,
@@ -186,16 +185,11 @@ impl Stage for SftStage {
         let completion_only = params.completion_only;
         let micro_step = |indices: &[usize], rng: &mut rand_chacha::ChaCha8Rng| {
             let refs: Vec<&EncodedExample> = indices.iter().map(|&i| &examples[i]).collect();
-            let batch = collate_examples(&refs, pad);
-            let device = Device::Cpu;
-            let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (b, t)
-            let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (b, t)
-            let loss_mask = if completion_only {
-                batch.loss_mask_tensor(&device).or_fail("batch")?
-            } else {
-                attention.clone()
-            };
-            let (loss, scored_tokens) = next_token_loss(&model, &ids, &attention, &loss_mask, rng)?;
+            let mut batch = collate_examples(&refs, pad);
+            if !completion_only {
+                batch.loss_mask.clone_from(&batch.attention_mask);
+            }
+            let (loss, scored_tokens) = next_token_loss(&model, &batch, rng)?;
             Ok(MicroBatchOutput {
                 loss,
                 weight: scored_tokens,

@@ -195,6 +195,11 @@ impl CausalLm {
         self.run_layers(input_ids, position_ids, &mask, rng)
     }
 
+    /// Whether a training pass draws LoRA dropout (an adapter with dropout > 0).
+    pub fn applies_dropout(&self) -> bool {
+        self.lora.as_ref().is_some_and(|lora| lora.dropout > 0.0)
+    }
+
     /// Final hidden states (b, t, d) under an explicit additive attention `bias`
     /// (b, 1, t, t) and `position_ids` (b, t): for packed sequences, where one row holds
     /// several sequences that must not see each other.

@@ -23,6 +23,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod logprobs;
 pub mod lora;
+pub mod packing;
 pub mod rope;
 pub mod save;
 pub mod tokenizer;
@@ -37,6 +38,7 @@ pub use logprobs::{
     completion_logprobs, token_entropy, token_logprobs, CompletionLogprobs, TokenBatch,
 };
 pub use lora::{LoraConfig, LoraTargets};
+pub use packing::packed_hidden_states;
 pub use save::{load_lora_adapter, save_lora_adapter, save_model_folder};
 pub use tokenizer::ModelTokenizer;
 

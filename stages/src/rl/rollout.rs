@@ -11,7 +11,8 @@
 use crate::data::batch::{collate_examples, EncodedExample};
 use crate::model::generate::{FinishReason, GenerationOutput};
 use crate::model::{
-    generate_rows, token_entropy, token_logprobs, CausalLm, GenerationSettings, ScalarHead,
+    generate_rows, packed_hidden_states, token_entropy, token_logprobs, CausalLm,
+    GenerationSettings, ScalarHead,
 };
 use crate::parallel::{map_shards, split_into_shards};
 use crate::train::StageResultExt;
@@ -192,7 +193,6 @@ pub fn token_stats(
     value_head: Option<&ScalarHead>,
     rng: Option<&mut ChaCha8Rng>,
 ) -> Result<TokenStats, StageError> {
-    let time = batch.input_ids.dims()[1];
     let mut rng = rng;
     let hidden = model
         .hidden_states_with(
@@ -202,7 +202,19 @@ pub fn token_stats(
             &mut rng,
         )
         .or_fail("policy forward pass")?; // (b, t, d)
-    let mut logits = model.logits(&hidden).or_fail("policy forward pass")?; // (b, t, v)
+    stats_from_hidden(model, &hidden, batch, temperature, value_head)
+}
+
+/// [`TokenStats`] from final hidden states (b, t, d) of `batch`.
+fn stats_from_hidden(
+    model: &CausalLm,
+    hidden: &Tensor,
+    batch: &SequenceBatch,
+    temperature: f64,
+    value_head: Option<&ScalarHead>,
+) -> Result<TokenStats, StageError> {
+    let time = batch.input_ids.dims()[1];
+    let mut logits = model.logits(hidden).or_fail("policy forward pass")?; // (b, t, v)
     if temperature > 0.0 && temperature != 1.0 {
         logits = logits
             .affine(1.0 / temperature, 0.0)
@@ -214,7 +226,7 @@ pub fn token_stats(
     let entropy = token_entropy(&predicting).or_fail("token entropy")?;
     let values = match value_head {
         Some(head) => Some(
-            head.values(&hidden)
+            head.values(hidden)
                 .and_then(|v| Ok(v.narrow(1, 0, time - 1)?))
                 .or_fail("value head")?,
         ), // (b, t-1)
@@ -227,139 +239,22 @@ pub fn token_stats(
     })
 }
 
-/// Completions packed behind one copy of their prompt in [`shared_prompt_token_stats`].
-const COMPLETIONS_PER_PACK: usize = 16;
-
-/// [`token_stats`] (log-probs and entropies; no values) for rows `prompt ++ completion`,
-/// laid out as the [`SequenceBatch`] of those rows (`time` wide) lays them out, but
-/// computed with each distinct prompt run once: rows that share a prompt (a GRPO group)
-/// are packed into one sequence, the prompt followed by the completions, each
-/// completion seeing the prompt and itself only, at the positions it has in its own row.
-/// A group of 8 completions of 4 tokens behind a 12-token prompt is 44 tokens instead of
-/// 8 × 16. Values outside the completions are 0 (the losses mask them out).
+/// [`token_stats`] without values for the rows `prompt ++ completion` of `batch`
+/// (`rows` lists them, in its row order), each distinct prompt run once
+/// ([`packed_hidden_states`]): the same numbers, on far fewer tokens when rows share
+/// prompts, as a GRPO group does.
 pub fn shared_prompt_token_stats(
     model: &CausalLm,
     rows: &[(&[u32], &[u32])],
-    time: usize,
+    batch: &SequenceBatch,
     temperature: f64,
     rng: Option<&mut ChaCha8Rng>,
 ) -> Result<TokenStats, StageError> {
-    let device = Device::Cpu;
-    // Rows grouped by prompt, in order of first appearance, then cut into packs.
-    let mut groups: Vec<(&[u32], Vec<usize>)> = Vec::new();
-    for (r, (prompt, _)) in rows.iter().enumerate() {
-        match groups.iter_mut().find(|(p, _)| p == prompt) {
-            Some((_, members)) => members.push(r),
-            None => groups.push((prompt, vec![r])),
-        }
-    }
-    let packs: Vec<(&[u32], &[usize])> = groups
-        .iter()
-        .flat_map(|(prompt, members)| {
-            members
-                .chunks(COMPLETIONS_PER_PACK)
-                .map(move |chunk| (*prompt, chunk))
-        })
-        .collect();
-    let pack_length = |(prompt, members): &(&[u32], &[usize])| {
-        prompt.len() + members.iter().map(|&r| rows[r].1.len()).sum::<usize>()
-    };
-    let width = packs.iter().map(pack_length).max().unwrap_or(1).max(1);
-    let hidden_value = crate::model::causal_lm::masked_value(model.dtype());
-    let (mut ids, mut positions) = (Vec::new(), Vec::new());
-    let mut bias = Vec::with_capacity(packs.len() * width * width);
-    // Per row: where, in the flattened packs, the state predicting each completion
-    // token sits.
-    let mut predictors: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
-    for (k, (prompt, members)) in packs.iter().enumerate() {
-        let base = (k * width) as u32;
-        let mut segment = vec![0usize; prompt.len()];
-        ids.extend_from_slice(prompt);
-        positions.extend(0..prompt.len() as u32);
-        for (s, &r) in members.iter().enumerate() {
-            let completion = rows[r].1;
-            let start = ids.len() - k * width;
-            predictors[r].push(base + prompt.len() as u32 - 1);
-            predictors[r]
-                .extend((0..completion.len().saturating_sub(1)).map(|j| base + (start + j) as u32));
-            ids.extend_from_slice(completion);
-            positions.extend((0..completion.len()).map(|j| (prompt.len() + j) as u32));
-            segment.extend(std::iter::repeat_n(s + 1, completion.len()));
-        }
-        let real = segment.len();
-        ids.extend(std::iter::repeat_n(0, width - real));
-        positions.extend(std::iter::repeat_n(0, width - real));
-        for q in 0..width {
-            for j in 0..width {
-                let visible = if q < real {
-                    j <= q && (segment[j] == 0 || segment[j] == segment[q])
-                } else {
-                    j == 0 // padding queries look at something, and are never read
-                };
-                bias.push(if visible { 0.0 } else { hidden_value });
-            }
-        }
-    }
-    let packs_count = packs.len();
-    let ids = Tensor::from_vec(ids, (packs_count, width), &device).or_fail("packing")?;
-    let positions =
-        Tensor::from_vec(positions, (packs_count, width), &device).or_fail("packing")?;
-    let bias =
-        Tensor::from_vec(bias, (packs_count, 1, width, width), &device).or_fail("packing")?;
+    let time = batch.input_ids.dims()[1];
     let mut rng = rng;
-    let hidden = model
-        .hidden_states_with_bias(&ids, &positions, &bias, &mut rng)
-        .or_fail("policy forward pass")?; // (packs, width, d)
-    let hidden_size = hidden.dims()[2];
-    let flat = hidden
-        .reshape((packs_count * width, hidden_size))
-        .or_fail("packing")?;
-    // The predicting states of every completion token, row after row.
-    let (mut sources, mut targets, mut layout) = (Vec::new(), Vec::new(), Vec::new());
-    let slots = rows.len() * time.saturating_sub(1);
-    for (r, (prompt, completion)) in rows.iter().enumerate() {
-        let first = sources.len() as u32;
-        sources.extend_from_slice(&predictors[r]);
-        targets.extend_from_slice(completion);
-        for i in 0..time.saturating_sub(1) {
-            // Column i scores token i + 1 of the row.
-            let j = (i + 1)
-                .checked_sub(prompt.len())
-                .filter(|&j| j < completion.len());
-            layout.push(j.map_or(u32::MAX, |j| first + j as u32));
-        }
-    }
-    let scored = sources.len() as u32;
-    let layout: Vec<u32> = layout
-        .into_iter()
-        .map(|i| if i == u32::MAX { scored } else { i })
-        .collect();
-    let sources = Tensor::new(sources, &device).or_fail("packing")?;
-    let states = flat.index_select(&sources, 0).or_fail("packing")?; // (n, d)
-    let mut logits = model.logits(&states).or_fail("policy forward pass")?; // (n, v)
-    if temperature > 0.0 && temperature != 1.0 {
-        logits = logits
-            .affine(1.0 / temperature, 0.0)
-            .or_fail("temperature")?;
-    }
-    let targets = Tensor::new(targets, &device).or_fail("packing")?;
-    let logprobs = token_logprobs(&logits, &targets).or_fail("token log-probs")?; // (n,)
-    let entropy = token_entropy(&logits).or_fail("token entropy")?; // (n,)
-                                                                    // Back into the (rows, time - 1) layout; the extra zero fills the other columns.
-    let layout = Tensor::new(layout, &device).or_fail("packing")?;
-    let spread = |values: Tensor| -> Result<Tensor, StageError> {
-        let zero = Tensor::zeros(1, values.dtype(), &device).or_fail("packing")?;
-        Tensor::cat(&[&values, &zero], 0)
-            .and_then(|all| all.index_select(&layout, 0))
-            .and_then(|t| t.reshape((rows.len(), time.saturating_sub(1))))
-            .or_fail("packing")
-    };
-    debug_assert_eq!(layout.dims()[0], slots);
-    Ok(TokenStats {
-        logprobs: spread(logprobs)?,
-        entropy: spread(entropy)?,
-        values: None,
-    })
+    let hidden =
+        packed_hidden_states(model, rows, time, &mut rng).or_fail("policy forward pass")?; // (b, t, d)
+    stats_from_hidden(model, &hidden, batch, temperature, None)
 }
 
 /// Rows per forward pass of [`frozen_logprobs`] in the RL stages: small enough that a
@@ -533,7 +428,7 @@ mod tests {
         };
         let plain = token_stats(&model, &batch, 0.7, None, None).expect("plain");
         let parts: Vec<(&[u32], &[u32])> = rows.iter().map(|(p, c)| (&p[..], &c[..])).collect();
-        let packed = shared_prompt_token_stats(&model, &parts, time, 0.7, None).expect("packed");
+        let packed = shared_prompt_token_stats(&model, &parts, &batch, 0.7, None).expect("packed");
         let masked = |t: &Tensor| (t * mask).expect("mask");
         let max_diff = |a: &Tensor, b: &Tensor| {
             (a - b)

@@ -46,21 +46,44 @@ pub mod training_loop;
 
 use rlhf_engine::StageError;
 
+/// Final hidden states (b, t, d) of a right-padded batch. Rows that share a prompt run it
+/// once and short rows share sequences ([`crate::model::packed_hidden_states`]); with
+/// LoRA dropout on, every row runs on its own, so rows never share a dropout mask.
+pub fn batch_hidden_states(
+    model: &crate::model::CausalLm,
+    batch: &crate::data::batch::Batch,
+    rng: Option<&mut rand_chacha::ChaCha8Rng>,
+) -> Result<candle_core::Tensor, StageError> {
+    let mut rng = rng;
+    if rng.is_some() && model.applies_dropout() {
+        let device = candle_core::Device::Cpu;
+        let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (b, t)
+        let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (b, t)
+        return model
+            .hidden_states_with(&ids, Some(&attention), None, &mut rng)
+            .or_fail("forward pass");
+    }
+    let rows = batch.rows();
+    crate::model::packed_hidden_states(model, &rows, batch.seq_len, &mut rng)
+        .or_fail("forward pass")
+}
+
 /// Next-token cross-entropy of a right-padded batch, averaged over the target tokens
-/// where `loss_mask` is 1 (position t predicts token t+1), with LoRA dropout drawn from
-/// `rng`. The loss of pretraining (mask = attention) and SFT (mask = completion).
-/// Returns the loss and the number of tokens it averages.
+/// where `batch.loss_mask` is 1 (position t predicts token t+1), with LoRA dropout drawn
+/// from `rng`. The loss of pretraining (every token) and SFT (completions, or every token
+/// when the batch's loss mask says so). Returns the loss and the number of tokens it
+/// averages.
 pub fn next_token_loss(
     model: &crate::model::CausalLm,
-    ids: &candle_core::Tensor,
-    attention: &candle_core::Tensor,
-    loss_mask: &candle_core::Tensor,
+    batch: &crate::data::batch::Batch,
     rng: &mut rand_chacha::ChaCha8Rng,
 ) -> Result<(candle_core::Tensor, f64), StageError> {
-    let time = ids.dim(1).or_fail("batch")?;
-    let logits = model
-        .forward_train(ids, Some(attention), None, rng)
-        .or_fail("forward pass")?; // (b, t, v)
+    let device = candle_core::Device::Cpu;
+    let time = batch.seq_len;
+    let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (b, t)
+    let loss_mask = batch.loss_mask_tensor(&device).or_fail("batch")?; // (b, t)
+    let hidden = batch_hidden_states(model, batch, Some(rng))?; // (b, t, d)
+    let logits = model.logits(&hidden).or_fail("forward pass")?; // (b, t, v)
     let target_mask = loss_mask.narrow(1, 1, time - 1).or_fail("shift")?; // (b, t-1)
     let scored = target_mask
         .to_dtype(candle_core::DType::F32)

@@ -19,12 +19,8 @@ pub fn reply_logprobs(
 ) -> Result<Tensor, StageError> {
     let device = Device::Cpu;
     let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (2b, t)
-    let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (2b, t)
     let loss_mask = batch.loss_mask_tensor(&device).or_fail("batch")?; // (2b, t)
-    let mut rng = rng;
-    let hidden = model
-        .hidden_states_with(&ids, Some(&attention), None, &mut rng)
-        .or_fail("forward pass")?; // (2b, t, d)
+    let hidden = super::batch_hidden_states(model, batch, rng)?; // (2b, t, d)
     let logits = model.logits(&hidden).or_fail("forward pass")?; // (2b, t, v)
     let time = batch.seq_len;
     let per_token = token_logprobs(
