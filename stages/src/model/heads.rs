@@ -226,14 +226,50 @@ impl RewardHead {
         if (self.logprob_weight.is_none() && !want_reply_logprobs) || time < 2 {
             return Ok((rewards, None));
         }
-        let logits = model.logits(&hidden.narrow(1, 0, time - 1)?)?; // (b, t-1, v)
-        let per_token = token_logprobs(&logits, &input_ids.narrow(1, 1, time - 1)?)?; // (b, t-1)
         let mask = (reply_mask.narrow(1, 1, time - 1)?.to_dtype(DType::F32)?
             * attention_mask
                 .narrow(1, 1, time - 1)?
                 .to_dtype(DType::F32)?)?; // (b, t-1)
+                                          // The LM head only where the feature reads it: the reply tokens' predecessors.
+        let (batch, hidden_size) = (hidden.dim(0)?, hidden.dim(2)?);
+        let scored: Vec<(usize, u32)> = mask
+            .to_vec2::<f32>()?
+            .iter()
+            .enumerate()
+            .flat_map(|(row, columns)| {
+                columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| **m > 0.5)
+                    .map(move |(i, _)| (row, (row * (time - 1) + i) as u32))
+            })
+            .collect();
+        let device = hidden.device();
+        let sums = if scored.is_empty() {
+            Tensor::zeros(batch, DType::F32, device)?
+        } else {
+            let places = Tensor::new(scored.iter().map(|s| s.1).collect::<Vec<_>>(), device)?;
+            let states = hidden
+                .narrow(1, 0, time - 1)?
+                .contiguous()?
+                .reshape((batch * (time - 1), hidden_size))?
+                .index_select(&places, 0)?; // (n, d)
+            let targets = input_ids
+                .narrow(1, 1, time - 1)?
+                .contiguous()?
+                .flatten_all()?
+                .index_select(&places, 0)?; // (n,)
+            let per_token = token_logprobs(&model.logits(&states)?, &targets)?; // (n,)
+                                                                                // Row sums as a product with the (b, n) row-membership matrix.
+            let mut membership = vec![0f32; batch * scored.len()];
+            for (k, (row, _)) in scored.iter().enumerate() {
+                membership[row * scored.len() + k] = 1.0;
+            }
+            let membership = Tensor::from_vec(membership, (batch, scored.len()), device)?;
+            membership.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)? // (b,)
+        };
         let count = mask.sum(D::Minus1)?.maximum(1.0)?; // (b,)
-        let mean = (per_token * &mask)?.sum(D::Minus1)?.div(&count)?; // (b,)
+        let mean = sums.div(&count)?; // (b,)
         let rewards = match &self.logprob_weight {
             Some(weight) => (rewards + mean.broadcast_mul(weight)?)?,
             None => rewards,

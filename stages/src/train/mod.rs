@@ -46,16 +46,24 @@ pub mod training_loop;
 
 use rlhf_engine::StageError;
 
-/// Final hidden states (b, t, d) of a right-padded batch. Rows that share a prompt run it
-/// once and short rows share sequences ([`crate::model::packed_hidden_states`]); with
-/// LoRA dropout on, every row runs on its own, so rows never share a dropout mask.
+/// Final hidden states (b, t, d) of a right-padded batch. When rows share prompts (the
+/// two replies of a preference pair), each prompt runs once
+/// ([`crate::model::packed_hidden_states`]); otherwise, or with LoRA dropout on (rows
+/// must not share a dropout mask), the padded batch runs as it is. Packing rows that
+/// share nothing (pretraining lines, SFT examples) was measured slower than padding:
+/// 2.4 against 2.6× TRL for pretraining.
 pub fn batch_hidden_states(
     model: &crate::model::CausalLm,
     batch: &crate::data::batch::Batch,
     rng: Option<&mut rand_chacha::ChaCha8Rng>,
 ) -> Result<candle_core::Tensor, StageError> {
     let mut rng = rng;
-    if rng.is_some() && model.applies_dropout() {
+    let rows = batch.rows();
+    let shares_prompts = rows
+        .iter()
+        .enumerate()
+        .any(|(r, (prompt, _))| !prompt.is_empty() && rows[..r].iter().any(|(p, _)| p == prompt));
+    if !shares_prompts || (rng.is_some() && model.applies_dropout()) {
         let device = candle_core::Device::Cpu;
         let ids = batch.input_ids_tensor(&device).or_fail("batch")?; // (b, t)
         let attention = batch.attention_mask_tensor(&device).or_fail("batch")?; // (b, t)
@@ -63,7 +71,6 @@ pub fn batch_hidden_states(
             .hidden_states_with(&ids, Some(&attention), None, &mut rng)
             .or_fail("forward pass");
     }
-    let rows = batch.rows();
     crate::model::packed_hidden_states(model, &rows, batch.seq_len, &mut rng)
         .or_fail("forward pass")
 }
