@@ -227,6 +227,15 @@ fn rl_figures(
             trl: number(trl_json, "generated_tokens_per_second_overall"),
             higher_is_better: true,
         });
+        // The sampler alone: tokens over the time spent generating.
+        let generating: f64 = steps.iter().map(|l| number(l, "generation_seconds")).sum();
+        figures.push(Figure {
+            stage,
+            unit: "tokens/s while generating",
+            ours: generated / generating,
+            trl: number(trl_json, "generated_tokens_per_second_in_generation"),
+            higher_is_better: true,
+        });
     }
     figures
 }
