@@ -157,6 +157,38 @@ fn a_sampled_batch_cut_into_parts_draws_the_same_tokens_as_the_whole() {
 }
 
 #[test]
+fn rows_sharing_a_prompt_sample_as_if_each_had_run_its_own_prefill() {
+    // A GRPO-style batch: each prompt repeated, and one left alone. The shared prompts
+    // are run through the model once; every row must still draw what it would alone.
+    let model = tiny_model(16);
+    let settings = GenerationSettings {
+        temperature: 1.0,
+        seed: 9,
+        ..settings(8)
+    };
+    let base = prompts();
+    let batch: Vec<Vec<u32>> = vec![
+        base[0].clone(),
+        base[0].clone(),
+        base[1].clone(),
+        base[0].clone(),
+        base[3].clone(),
+        base[1].clone(),
+    ];
+    let together = generate(&model, &batch, &settings, None).unwrap();
+    for (row, prompt) in batch.iter().enumerate() {
+        let alone =
+            generate_rows(&model, std::slice::from_ref(prompt), row, &settings, None).unwrap();
+        assert_eq!(alone.tokens[0], together.tokens[row], "row {row}");
+        for (a, b) in alone.logprobs[0].iter().zip(&together.logprobs[row]) {
+            assert!((a - b).abs() < 1e-5, "row {row}: {a} vs {b}");
+        }
+    }
+    // The repeated prompts drew different completions (their own streams).
+    assert_ne!(together.tokens[0], together.tokens[1]);
+}
+
+#[test]
 fn sampled_logprobs_equal_teacher_forced_logprobs_of_the_same_tokens() {
     let model = tiny_model(15);
     let prompt = vec![1u32, 7, 8, 9];

@@ -189,24 +189,46 @@ struct DecodeState {
 
 impl DecodeState {
     /// Runs the prompts through the model, unpadded: each row attends to its own
-    /// tokens only, so it computes what it would alone.
+    /// tokens only, so it computes what it would alone. A prompt that several rows
+    /// share (a GRPO group) runs once; its rows start from copies of its cache.
     fn prefill(
         decoder: &InferenceModel,
         prompts: &[Vec<u32>],
         settings: &GenerationSettings,
     ) -> Result<Self> {
-        let counts: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        // The last sampled token is never fed back, hence the - 1.
-        let capacity: Vec<usize> = counts
+        let mut distinct: Vec<&Vec<u32>> = Vec::new();
+        let source: Vec<usize> = prompts
             .iter()
-            .map(|c| c + settings.max_new_tokens - 1)
+            .map(|prompt| match distinct.iter().position(|d| *d == prompt) {
+                Some(i) => i,
+                None => {
+                    distinct.push(prompt);
+                    distinct.len() - 1
+                }
+            })
             .collect();
+        let counts: Vec<usize> = distinct.iter().map(|p| p.len()).collect();
+        // The last sampled token is never fed back, hence the - 1.
+        let room = settings.max_new_tokens.saturating_sub(1);
+        let capacity: Vec<usize> = counts.iter().map(|c| c + room).collect();
         let mut cache = decoder.new_cache(&capacity);
-        let logits = decoder.forward(&prompts.concat(), &counts, &mut cache)?;
+        let distinct_ids: Vec<u32> = distinct.iter().flat_map(|p| p.iter().copied()).collect();
+        let logits = decoder.forward(&distinct_ids, &counts, &mut cache)?;
+        if distinct.len() == prompts.len() {
+            return Ok(DecodeState {
+                active: (0..prompts.len()).collect(),
+                cache,
+                logits,
+            });
+        }
+        let vocab = logits.len() / distinct.len();
         Ok(DecodeState {
             active: (0..prompts.len()).collect(),
-            cache,
-            logits,
+            cache: cache.copy_rows(&source, room),
+            logits: source
+                .iter()
+                .flat_map(|&d| logits[d * vocab..(d + 1) * vocab].iter().copied())
+                .collect(),
         })
     }
 

@@ -375,6 +375,35 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// A cache whose row i is a copy of row `rows[i]` of this one, with room for
+    /// `room` more positions per row (rows that share a prompt start from one prefill).
+    pub fn copy_rows(&self, rows: &[usize], room: usize) -> KvCache {
+        let copy = |store: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            rows.iter()
+                .flat_map(|&r| (0..self.kv_heads).map(move |g| (r, &store[r * self.kv_heads + g])))
+                .map(|(r, source)| {
+                    // `lengths[r]` positions of head_dim floats each.
+                    let per_position = source.len() / self.lengths[r].max(1);
+                    let mut copied = Vec::with_capacity(source.len() + room * per_position);
+                    copied.extend_from_slice(source);
+                    copied
+                })
+                .collect()
+        };
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|layer| LayerCache {
+                    keys: copy(&layer.keys),
+                    values: copy(&layer.values),
+                })
+                .collect(),
+            lengths: rows.iter().map(|&r| self.lengths[r]).collect(),
+            kv_heads: self.kv_heads,
+        }
+    }
+
     /// Keeps only the rows listed in `rows`, in that order (finished rows are dropped).
     pub fn keep_rows(&mut self, rows: &[usize]) {
         for layer in self.layers.iter_mut() {
