@@ -308,18 +308,13 @@ pub fn frozen_logprobs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{LlamaConfig, ScalarHeadKind, Trainability};
+    use crate::model::{ScalarHeadKind, Trainability};
     use candle_core::DType;
     use candle_nn::VarMap;
 
     #[test]
     fn frozen_passes_in_chunks_match_one_pass_row_for_row() {
-        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 40, "max_position_embeddings": 32
-        }))
-        .expect("config");
+        let config = crate::model::tiny_test_config("llama", false);
         let model = CausalLm::random(config, 3, DType::F32, &Device::Cpu, Trainability::Frozen)
             .expect("model");
         let varmap = VarMap::new();
@@ -376,12 +371,7 @@ mod tests {
 
     #[test]
     fn shared_prompt_packing_matches_one_row_per_completion_in_values_and_gradients() {
-        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 40, "max_position_embeddings": 64
-        }))
-        .expect("config");
+        let config = crate::model::tiny_test_config("llama", false);
         let mut model =
             CausalLm::random(config, 11, DType::F32, &Device::Cpu, Trainability::Frozen)
                 .expect("model");
@@ -419,7 +409,6 @@ mod tests {
             seconds: 0.0,
         };
         let batch = SequenceBatch::new(&rollouts, 0).expect("batch");
-        let time = batch.input_ids.dims()[1];
         let mask = &batch.response_mask;
         let objective = |stats: &TokenStats| {
             let lp = (&stats.logprobs * mask)?.sum_all()?;
