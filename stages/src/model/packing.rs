@@ -13,7 +13,7 @@
 use super::causal_lm::{masked_value, CausalLm};
 use super::layers::DropoutRng;
 use super::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 /// Tokens per packed sequence; a pack always takes its prefix and at least one tail.
 /// Short enough that attention over a pack stays cheap beside the linear layers.
@@ -28,7 +28,7 @@ pub fn packed_hidden_states(
     time: usize,
     rng: DropoutRng,
 ) -> Result<Tensor> {
-    let device = Device::Cpu;
+    let device = model.device().clone();
     // A prefix no other row shares is just the start of its row: such rows go with
     // the empty-prefix ones, so short rows fill packs together.
     let merged: Vec<Option<Vec<u32>>> = rows
@@ -141,6 +141,7 @@ fn plan_packs<'a>(rows: &[(&'a [u32], &[u32])]) -> Vec<(&'a [u32], Vec<usize>)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn packs_share_prefixes_and_respect_the_token_budget() {
