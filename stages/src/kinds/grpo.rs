@@ -39,8 +39,8 @@ use crate::rl::rl_loop::{
     run_rl_loop, sharded_update, LoopSettings, StepOutput, Trainer, UpdateIndex,
 };
 use crate::rl::rollout::{
-    frozen_logprobs, sample_rollouts, shared_prompt_token_stats, token_stats, Rollouts,
-    SequenceBatch, FROZEN_CHUNK_ROWS,
+    frozen_logprobs, sample_rollouts, shared_prompt_token_stats, Rollouts, SequenceBatch,
+    FROZEN_CHUNK_ROWS,
 };
 use crate::rl::run_log::{step_prompts, step_rng, step_seed, RunLog};
 use crate::train::model_input::write_trained_model;
@@ -398,22 +398,17 @@ impl GrpoRun<'_> {
         let p = self.params;
         let index = Tensor::new(rows, &Device::Cpu).or_fail("minibatch")?;
         let shard = minibatch.batch.select(&index)?;
-        // A group's completions share their prompt: run it once per group. With LoRA
-        // dropout the shared run would also share the prompt's dropout mask across the
-        // group, so dropout keeps one row per completion.
-        let stats = if policy.model.applies_dropout() {
-            token_stats(&policy.model, &shard, p.temperature, None, Some(rng))?
-        } else {
-            let rollouts = minibatch.rollouts;
-            let parts: Vec<(&[u32], &[u32])> = rows
-                .iter()
-                .map(|&r| {
-                    let r = r as usize;
-                    (&rollouts.prompts[r][..], &rollouts.completions[r][..])
-                })
-                .collect();
-            shared_prompt_token_stats(&policy.model, &parts, &shard, p.temperature, Some(rng))?
-        };
+        // A group's completions share their prompt: it runs once per group.
+        let rollouts = minibatch.rollouts;
+        let parts: Vec<(&[u32], &[u32])> = rows
+            .iter()
+            .map(|&r| {
+                let r = r as usize;
+                (&rollouts.prompts[r][..], &rollouts.completions[r][..])
+            })
+            .collect();
+        let stats =
+            shared_prompt_token_stats(&policy.model, &parts, &shard, p.temperature, Some(rng))?;
         let pick = |t: &Tensor| t.index_select(&index, 0).or_fail("minibatch");
         let old = match minibatch.old_logprobs {
             Some(o) => pick(o)?,
@@ -569,12 +564,7 @@ impl GrpoRun<'_> {
                     reference_logprobs: reference_logprobs.as_ref(),
                     advantages: &advantages,
                 };
-                let index = UpdateIndex {
-                    seed,
-                    step,
-                    pass: update - step * p.iterations * p.mini_batches,
-                    update,
-                };
+                let index = UpdateIndex::new(seed, step, update, p.iterations * p.mini_batches);
                 let (combined, grad_norm) = sharded_update(
                     trainer,
                     chunk,

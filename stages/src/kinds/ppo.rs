@@ -589,12 +589,7 @@ impl PpoRun<'_> {
             let mut order: Vec<u32> = (0..rows as u32).collect();
             shuffle(&mut order, &mut rng);
             for chunk in order.chunks(rows.div_ceil(p.mini_batches)) {
-                let index = UpdateIndex {
-                    seed,
-                    step,
-                    pass: update - step * p.ppo_epochs * p.mini_batches,
-                    update,
-                };
+                let index = UpdateIndex::new(seed, step, update, p.ppo_epochs * p.mini_batches);
                 let (combined, grad_norm) = sharded_update(
                     trainer,
                     chunk,

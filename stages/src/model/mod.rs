@@ -38,7 +38,7 @@ pub use logprobs::{
     completion_logprobs, token_entropy, token_logprobs, CompletionLogprobs, TokenBatch,
 };
 pub use lora::{LoraConfig, LoraTargets};
-pub use packing::packed_hidden_states;
+pub use packing::{hidden_states_sharing_prompts, packed_hidden_states};
 pub use save::{load_lora_adapter, save_lora_adapter, save_model_folder};
 pub use tokenizer::ModelTokenizer;
 

@@ -108,6 +108,28 @@ pub fn packed_hidden_states(
         .reshape((rows.len(), time, hidden_size))?)
 }
 
+/// Final hidden states (rows, t, d) of the right-padded batch `input_ids` /
+/// `attention_mask` whose rows are `rows` (`prefix ++ tail`): packed
+/// ([`packed_hidden_states`]) when some rows share a prefix, else the padded batch as it
+/// is. Packing rows that share nothing measured slower than padding (pretraining 2.4
+/// against 2.6× TRL), and with LoRA dropout on (`rng` given) rows must not share a
+/// prompt's dropout mask, so both run unpacked.
+pub fn hidden_states_sharing_prompts(
+    model: &CausalLm,
+    rows: &[(&[u32], &[u32])],
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    rng: DropoutRng,
+) -> Result<Tensor> {
+    let shares_prompts = rows.iter().enumerate().any(|(r, (prefix, _))| {
+        !prefix.is_empty() && rows[..r].iter().any(|(other, _)| other == prefix)
+    });
+    if !shares_prompts || (rng.is_some() && model.applies_dropout()) {
+        return model.hidden_states_with(input_ids, Some(attention_mask), None, rng);
+    }
+    packed_hidden_states(model, rows, input_ids.dim(1)?, rng)
+}
+
 /// The packs: rows grouped by prefix in order of first appearance, each group's tails
 /// cut into packs of at most [`PACK_TOKENS`] tokens.
 fn plan_packs<'a>(rows: &[(&'a [u32], &[u32])]) -> Vec<(&'a [u32], Vec<usize>)> {

@@ -141,6 +141,18 @@ pub struct UpdateIndex {
     pub update: usize,
 }
 
+impl UpdateIndex {
+    /// Update `update` of the run, in a run of `updates_per_step` updates per RL step.
+    pub fn new(seed: u64, step: usize, update: usize, updates_per_step: usize) -> Self {
+        UpdateIndex {
+            seed,
+            step,
+            pass: update - step * updates_per_step,
+            update,
+        }
+    }
+}
+
 /// One optimiser update over `rows` of a step's batch: the rows cut into `shards`
 /// shards whose losses `shard_loss(rows, dropout rng)` run in parallel, combined by
 /// their weights ([`crate::parallel`]), then [`apply_update`]. Returns the combined

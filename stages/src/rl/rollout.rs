@@ -11,7 +11,7 @@
 use crate::data::batch::{collate_examples, EncodedExample};
 use crate::model::generate::{FinishReason, GenerationOutput};
 use crate::model::{
-    generate_rows, packed_hidden_states, token_entropy, token_logprobs, CausalLm,
+    generate_rows, hidden_states_sharing_prompts, token_entropy, token_logprobs, CausalLm,
     GenerationSettings, ScalarHead,
 };
 use crate::parallel::{map_shards, split_into_shards};
@@ -240,9 +240,9 @@ fn stats_from_hidden(
 }
 
 /// [`token_stats`] without values for the rows `prompt ++ completion` of `batch`
-/// (`rows` lists them, in its row order), each distinct prompt run once
-/// ([`packed_hidden_states`]): the same numbers, on far fewer tokens when rows share
-/// prompts, as a GRPO group does.
+/// (`rows` lists them, in its row order), each shared prompt run once
+/// ([`hidden_states_sharing_prompts`]): the same numbers, on far fewer tokens when rows
+/// share prompts, as a GRPO group does.
 pub fn shared_prompt_token_stats(
     model: &CausalLm,
     rows: &[(&[u32], &[u32])],
@@ -250,10 +250,15 @@ pub fn shared_prompt_token_stats(
     temperature: f64,
     rng: Option<&mut ChaCha8Rng>,
 ) -> Result<TokenStats, StageError> {
-    let time = batch.input_ids.dims()[1];
     let mut rng = rng;
-    let hidden =
-        packed_hidden_states(model, rows, time, &mut rng).or_fail("policy forward pass")?; // (b, t, d)
+    let hidden = hidden_states_sharing_prompts(
+        model,
+        rows,
+        &batch.input_ids,
+        &batch.attention_mask,
+        &mut rng,
+    )
+    .or_fail("policy forward pass")?; // (b, t, d)
     stats_from_hidden(model, &hidden, batch, temperature, None)
 }
 
