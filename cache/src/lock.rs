@@ -90,6 +90,9 @@ fn exclusive_holds() -> MutexGuard<'static, BTreeMap<PathBuf, usize>> {
     HOLDS.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How long gc and verify keep trying a busy cache before reporting it busy.
+const BUSY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn holds_exclusive(path: &Path) -> bool {
     exclusive_holds().get(path).is_some_and(|count| *count > 0)
 }
@@ -176,11 +179,20 @@ impl Cache {
         if holds_exclusive(&self.cache_lock_path()) {
             return Ok(None);
         }
-        match self.try_lock_exclusive()? {
-            Some(lock) => Ok(Some(lock)),
-            None => Err(CacheError::Busy {
-                path: self.dir().to_path_buf(),
-            }),
+        // A lock this process has just released can look held for a moment: a child
+        // that another thread is spawning shares the lock file's description until it
+        // execs. So a busy cache is tried again for a short while before giving up.
+        let deadline = std::time::Instant::now() + BUSY_GRACE;
+        loop {
+            if let Some(lock) = self.try_lock_exclusive()? {
+                return Ok(Some(lock));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(CacheError::Busy {
+                    path: self.dir().to_path_buf(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }

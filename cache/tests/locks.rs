@@ -163,6 +163,20 @@ fn gc_and_verify_run_under_the_callers_exclusive_lock() {
 }
 
 #[test]
+fn verify_waits_briefly_for_a_run_that_is_letting_go() {
+    // As when another thread spawns a child while this one drops its lock: the lock
+    // stays held a moment after the run ends.
+    let (_dir, cache) = new_cache();
+    let run = cache.lock_shared().unwrap();
+    let ending = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(run);
+    });
+    cache.verify().unwrap();
+    ending.join().unwrap();
+}
+
+#[test]
 fn gc_in_a_process_holding_only_the_shared_lock_is_busy() {
     let (_dir, cache) = new_cache();
     let _run = cache.lock_shared().unwrap();

@@ -17,6 +17,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::sync::Mutex;
 
 /// Makes this process run shards in parallel on `threads` threads, with candle's own
 /// per-op threading off. Call it once, first thing, before any tensor work: it sets
@@ -176,23 +177,32 @@ pub fn combine_shards(shards: &[ShardLoss]) -> candle_core::Result<CombinedShard
 /// [`map_shards`]) and sums the gradients of `vars`, in shard order so the sum is the
 /// same however the shards ran.
 pub fn weighted_backward(losses: &[(Tensor, f64)], vars: &[Var]) -> candle_core::Result<GradStore> {
-    let stores = map_shards(losses.len(), |k| {
+    use crate::model::weight_grads::{backward, total_gradient, PassGradient};
+    let passes = map_shards(losses.len(), |k| {
         let (loss, weight) = &losses[k];
-        (loss * *weight)?.backward()
+        backward(&(loss * *weight)?)
     });
-    let stores = stores
+    let mut passes = passes
         .into_iter()
         .collect::<candle_core::Result<Vec<_>>>()?;
+    // Each variable's share of every pass, moved out so the sums below own them.
+    let parts: Vec<Mutex<Vec<PassGradient>>> = vars
+        .iter()
+        .map(|var| {
+            let shares = passes
+                .iter_mut()
+                .map(|(store, grads)| PassGradient::take(var.as_tensor(), store, grads))
+                .collect();
+            Mutex::new(shares)
+        })
+        .collect();
     // One sum per variable, the variables spread over the threads.
     let totals = map_shards(vars.len(), |v| {
-        let var = vars[v].as_tensor();
-        let mut grads = stores.iter().filter_map(|store| store.get(var));
-        let Some(first) = grads.next() else {
-            return Ok(None);
-        };
-        grads
-            .try_fold(first.clone(), |total, grad| total + grad)
-            .map(Some)
+        let shares = parts[v]
+            .lock()
+            .map(|mut shares| std::mem::take(&mut *shares))
+            .unwrap_or_default();
+        total_gradient(vars[v].as_tensor(), shares)
     });
     let mut sum = GradStore::default();
     for (var, total) in vars.iter().zip(totals) {

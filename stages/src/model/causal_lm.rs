@@ -223,7 +223,7 @@ impl CausalLm {
         let dims = hidden.dims().to_vec();
         let hidden_size = dims[dims.len() - 1];
         let flat = hidden.reshape((hidden.elem_count() / hidden_size, hidden_size))?; // (n, d)
-        let logits = flat.matmul(&self.lm_head.t()?)?; // (n, vocab)
+        let logits = super::fused::linear(&flat, &self.lm_head)?; // (n, vocab)
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
         out_dims[last] = self.config.vocab_size;

@@ -15,17 +15,20 @@
 //! derivatives. Unlike candle's own fused ops (../shared/NOTES.md), these keep gradients:
 //! they are applied with `apply_op*`, never `apply_op*_no_bwd`.
 
+use super::weight_grads;
 use super::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use kernels::{
     contiguous_f32, masked_softmax_rows, rms_norm_rows, rms_norm_rows_backward, silu_mul_backward,
-    silu_mul_forward, softmax_rows_backward,
+    silu_mul_forward, softmax_rows_backward, with_f32,
 };
+use products::MatrixView;
 
 mod attention;
 mod kernels;
 mod logprobs;
 mod mlp;
+mod products;
 mod rope;
 pub use attention::{attention, attention_reference};
 pub use logprobs::{
@@ -107,14 +110,12 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CandleResult<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let in_dim = last_dim(l1.shape());
-        let (out_dim, _) = l2.shape().dims2()?;
+        let (out_dim, in_dim) = l2.shape().dims2()?;
         let rows = l1.shape().elem_count() / in_dim.max(1);
-        let lhs = Layout::contiguous_with_offset((rows, in_dim), l1.start_offset());
-        let rhs = l2.transpose(0, 1)?; // (in, out) view of the weight
-        let y = s1.matmul(s2, (1, rows, out_dim, in_dim), &lhs, &rhs)?;
-        Ok((y, with_last_dim(l1.shape(), out_dim)))
+        let x = MatrixView::row_major(contiguous_f32(s1, l1, self.name())?, rows, in_dim);
+        let weight = MatrixView::row_major(contiguous_f32(s2, l2, self.name())?, out_dim, in_dim);
+        let y = products::matmul(x, weight.t())?;
+        Ok((CpuStorage::F32(y), with_last_dim(l1.shape(), out_dim)))
     }
 
     fn bwd(
@@ -124,22 +125,36 @@ impl CustomOp2 for LinearOp {
         _y: &Tensor,
         grad: &Tensor,
     ) -> CandleResult<(Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
         let (out_dim, in_dim) = weight.dims2()?;
         let rows = x.elem_count() / in_dim.max(1);
-        // Detached: the gradients need no graph of their own.
-        let grad = grad.detach().contiguous()?.reshape((rows, out_dim))?; // (n, out)
-        let dx = if x.track_op() {
-            Some(grad.matmul(&weight.detach())?.reshape(x.shape())?) // (..., in)
-        } else {
-            None
-        };
-        let dweight = if weight.track_op() {
-            let x = x.detach().reshape((rows, in_dim))?;
-            Some(grad.t()?.matmul(&x)?) // (out, in)
-        } else {
-            None
-        };
-        Ok((dx, dweight))
+        let grad = grad.detach().contiguous()?;
+        with_f32(&grad, name, |grad| {
+            let grad = MatrixView::row_major(grad, rows, out_dim);
+            let dx = if x.track_op() {
+                let dx = with_f32(weight, name, |weight| {
+                    products::matmul(grad, MatrixView::row_major(weight, out_dim, in_dim))
+                })?;
+                Some(Tensor::from_vec(dx, x.shape(), x.device())?) // (..., in)
+            } else {
+                None
+            };
+            if !weight.track_op() {
+                return Ok((dx, None));
+            }
+            let x = x.contiguous()?;
+            with_f32(&x, name, |x| {
+                let x = MatrixView::row_major(x, rows, in_dim);
+                let dweight = || products::matmul(grad.t(), x); // (out, in)
+                let add_dweight =
+                    |dst: &mut [f32]| products::matmul_into(dst, in_dim, grad.t(), x, true);
+                if weight_grads::deposit(weight, dweight, add_dweight)? {
+                    return Ok((dx, None));
+                }
+                let dweight = Tensor::from_vec(dweight()?, (out_dim, in_dim), weight.device())?;
+                Ok((dx, Some(dweight)))
+            })
+        })
     }
 }
 
@@ -180,20 +195,16 @@ impl CustomOp2 for LinearDeltaOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CandleResult<(CpuStorage, Shape)> {
-        let (y, shape) = {
-            let (storage, layout) = self.weight.storage_and_layout();
-            let candle_core::Storage::Cpu(storage) = &*storage else {
-                candle_core::bail!("fused-linear-delta: the weight is not on the CPU");
-            };
-            LinearOp.cpu_fwd(s1, l1, storage, layout)?
-        };
-        let CpuStorage::F32(mut y) = y else {
-            candle_core::bail!("fused-linear-delta: the product is not f32");
-        };
-        for (y, d) in y.iter_mut().zip(contiguous_f32(s2, l2, self.name())?) {
-            *y += d;
-        }
-        Ok((CpuStorage::F32(y), shape))
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let rows = l1.shape().elem_count() / in_dim.max(1);
+        let x = MatrixView::row_major(contiguous_f32(s1, l1, self.name())?, rows, in_dim);
+        // The product lands on a copy of the delta.
+        let mut y = contiguous_f32(s2, l2, self.name())?.to_vec();
+        with_f32(&self.weight, self.name(), |weight| {
+            let weight = MatrixView::row_major(weight, out_dim, in_dim);
+            products::matmul_into(&mut y, out_dim, x, weight.t(), true)
+        })?;
+        Ok((CpuStorage::F32(y), with_last_dim(l1.shape(), out_dim)))
     }
 
     fn bwd(
@@ -203,15 +214,23 @@ impl CustomOp2 for LinearDeltaOp {
         _y: &Tensor,
         grad: &Tensor,
     ) -> CandleResult<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?;
         let dx = if x.track_op() {
             let (out_dim, in_dim) = self.weight.dims2()?;
             let rows = x.elem_count() / in_dim.max(1);
-            let grad = grad.detach().contiguous()?.reshape((rows, out_dim))?; // (n, out)
-            Some(grad.matmul(&self.weight)?.reshape(x.shape())?) // (..., in)
+            let dx = with_f32(&grad, self.name(), |grad| {
+                with_f32(&self.weight, self.name(), |weight| {
+                    products::matmul(
+                        MatrixView::row_major(grad, rows, out_dim),
+                        MatrixView::row_major(weight, out_dim, in_dim),
+                    )
+                })
+            })?;
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?) // (..., in)
         } else {
             None
         };
-        Ok((dx, Some(grad.detach().reshape(delta.shape())?)))
+        Ok((dx, Some(grad.reshape(delta.shape())?)))
     }
 }
 

@@ -27,6 +27,7 @@ pub mod packing;
 pub mod rope;
 pub mod save;
 pub mod tokenizer;
+pub mod weight_grads;
 pub mod weights;
 
 pub use causal_lm::{CausalLm, Trainability};

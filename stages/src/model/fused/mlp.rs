@@ -5,11 +5,12 @@
 
 use super::kernels::{
     contiguous_f32, silu_mul_backward, silu_mul_forward, silu_mul_rows, silu_mul_rows_backward,
+    with_f32,
 };
+use super::products::{self, MatrixView};
 use super::{fusable, linear_reference, silu_mul_reference, with_last_dim, CandleResult};
-use crate::model::Result;
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, D};
+use crate::model::{weight_grads, Result};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use std::sync::Mutex;
 
 /// `silu(x Wg^T) * (x Wu^T)`: x (..., in), both weights (inter, in) → (..., inter).
@@ -41,16 +42,9 @@ pub fn gated_mlp_input_reference(
     )
 }
 
-/// What the forward keeps for the backward: the projections [gate | up] per row
-/// (rows, 2*inter) and the stacked weights (2*inter, in).
-#[derive(Clone)]
-struct Kept {
-    gate_up: Tensor,
-    weights: Tensor,
-}
-
 pub(super) struct GatedMlpInputOp {
-    kept: Mutex<Option<Kept>>,
+    /// The forward's projections [gate | up] per row, (rows, 2*inter), for the backward.
+    kept: Mutex<Option<Vec<f32>>>,
     /// Keep the forward's projections (false only in tests of the recomputing backward).
     keep: bool,
 }
@@ -64,13 +58,10 @@ impl GatedMlpInputOp {
     }
 }
 
-/// Runs `f` on the f32 data of a contiguous CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CandleResult<R>) -> CandleResult<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("fused-gated-mlp: expected a CPU tensor");
-    };
-    f(contiguous_f32(storage, layout, "fused-gated-mlp")?)
+/// The rows [x Wg^T | x Wu^T], (rows, 2*inter): two products written side by side, so the
+/// weights are never stacked into a copy.
+fn gate_up_rows(x: MatrixView, gate: MatrixView, up: MatrixView) -> CandleResult<Vec<f32>> {
+    products::matmul_side_by_side(x, &[gate.t(), up.t()])
 }
 
 impl CustomOp3 for GatedMlpInputOp {
@@ -89,27 +80,15 @@ impl CustomOp3 for GatedMlpInputOp {
     ) -> CandleResult<(CpuStorage, Shape)> {
         let (inter, in_dim) = l2.shape().dims2()?;
         let rows = l1.shape().elem_count() / in_dim.max(1);
-        let mut stacked = Vec::with_capacity(2 * inter * in_dim);
-        stacked.extend_from_slice(contiguous_f32(s2, l2, self.name())?);
-        stacked.extend_from_slice(contiguous_f32(s3, l3, self.name())?);
-        let weights = Tensor::from_vec(stacked, (2 * inter, in_dim), &Device::Cpu)?;
-        let gate_up = {
-            let (storage, _) = weights.storage_and_layout();
-            let Storage::Cpu(storage) = &*storage else {
-                candle_core::bail!("fused-gated-mlp: the stacked weights are not on the CPU");
-            };
-            let lhs = Layout::contiguous_with_offset((rows, in_dim), l1.start_offset());
-            let rhs = Layout::new(Shape::from((in_dim, 2 * inter)), vec![1, in_dim], 0); // W^T
-            s1.matmul(storage, (1, rows, 2 * inter, in_dim), &lhs, &rhs)?
-        };
-        let CpuStorage::F32(gate_up) = gate_up else {
-            candle_core::bail!("fused-gated-mlp: the projections are not f32");
-        };
+        let gate_up = gate_up_rows(
+            MatrixView::row_major(contiguous_f32(s1, l1, self.name())?, rows, in_dim),
+            MatrixView::row_major(contiguous_f32(s2, l2, self.name())?, inter, in_dim),
+            MatrixView::row_major(contiguous_f32(s3, l3, self.name())?, inter, in_dim),
+        )?;
         let hidden = silu_mul_rows(&gate_up, inter);
         if self.keep {
-            let gate_up = Tensor::from_vec(gate_up, (rows, 2 * inter), &Device::Cpu)?;
             if let Ok(mut slot) = self.kept.lock() {
-                *slot = Some(Kept { gate_up, weights });
+                *slot = Some(gate_up);
             }
         }
         Ok((CpuStorage::F32(hidden), with_last_dim(l1.shape(), inter)))
@@ -123,42 +102,56 @@ impl CustomOp3 for GatedMlpInputOp {
         _hidden: &Tensor,
         grad: &Tensor,
     ) -> CandleResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
         let (inter, in_dim) = gate_weight.dims2()?;
         let rows = x.elem_count() / in_dim.max(1);
-        let x_rows = x.detach().reshape((rows, in_dim))?;
-        let kept = self.kept.lock().ok().and_then(|slot| slot.clone());
-        let Kept { gate_up, weights } = match kept {
-            Some(kept) => kept,
-            None => {
-                let weights = Tensor::cat(&[gate_weight.detach(), up_weight.detach()], 0)?;
-                let gate_up = x_rows.matmul(&weights.t()?)?;
-                Kept { gate_up, weights }
-            }
-        };
+        let want_x = x.track_op();
+        let x_data = x.detach().contiguous()?;
         let grad = grad.detach().contiguous()?;
-        let dgate_up = with_f32(&gate_up, |gate_up| {
-            with_f32(&grad, |grad| {
-                Ok(silu_mul_rows_backward(gate_up, grad, inter))
+        with_f32(&x_data, name, |x_data| {
+            with_f32(gate_weight, name, |gate_data| {
+                with_f32(up_weight, name, |up_data| {
+                    let x_rows = MatrixView::row_major(x_data, rows, in_dim);
+                    let gate = MatrixView::row_major(gate_data, inter, in_dim);
+                    let up = MatrixView::row_major(up_data, inter, in_dim);
+                    let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+                    let gate_up = match kept {
+                        Some(kept) => kept,
+                        None => gate_up_rows(x_rows, gate, up)?,
+                    };
+                    let dgate_up = with_f32(&grad, name, |grad| {
+                        Ok(silu_mul_rows_backward(&gate_up, grad, inter))
+                    })?;
+                    let dgate_up = MatrixView::row_major(&dgate_up, rows, 2 * inter);
+                    let (dgate, dup) = (dgate_up.columns(0, inter), dgate_up.columns(inter, inter));
+                    let dx = if want_x {
+                        let mut dx = products::matmul(dgate, gate)?;
+                        products::matmul_into(&mut dx, in_dim, dup, up, true)?;
+                        Some(Tensor::from_vec(dx, x.shape(), x.device())?) // (..., in)
+                    } else {
+                        None
+                    };
+                    // dW = d^T x, (inter, in): deposited when collected, else to candle.
+                    let weight_grad = |weight: &Tensor, d: MatrixView| -> CandleResult<_> {
+                        let dweight = || products::matmul(d.t(), x_rows);
+                        let add = |dst: &mut [f32]| {
+                            products::matmul_into(dst, in_dim, d.t(), x_rows, true)
+                        };
+                        if !weight.track_op() || weight_grads::deposit(weight, dweight, add)? {
+                            return Ok(None);
+                        }
+                        Ok(Some(Tensor::from_vec(
+                            dweight()?,
+                            (inter, in_dim),
+                            x.device(),
+                        )?))
+                    };
+                    let dgate_weight = weight_grad(gate_weight, dgate)?;
+                    let dup_weight = weight_grad(up_weight, dup)?;
+                    Ok((dx, dgate_weight, dup_weight))
+                })
             })
-        })?;
-        let dgate_up = Tensor::from_vec(dgate_up, (rows, 2 * inter), x.device())?;
-        let dx = if x.track_op() {
-            Some(dgate_up.matmul(&weights)?.reshape(x.shape())?) // (..., in)
-        } else {
-            None
-        };
-        let (want_gate, want_up) = (gate_weight.track_op(), up_weight.track_op());
-        if !want_gate && !want_up {
-            return Ok((dx, None, None));
-        }
-        let dweights = dgate_up.t()?.matmul(&x_rows)?; // (2*inter, in)
-        let dgate = want_gate
-            .then(|| dweights.narrow(0, 0, inter))
-            .transpose()?;
-        let dup = want_up
-            .then(|| dweights.narrow(0, inter, inter))
-            .transpose()?;
-        Ok((dx, dgate, dup))
+        })
     }
 }
 
@@ -216,7 +209,7 @@ pub(super) struct GatedMlpDeltaOp {
     gate_weight: Tensor,
     up_weight: Tensor,
     /// The forward's gate and up pre-activations, each (rows, inter).
-    kept: Mutex<Option<(Tensor, Tensor)>>,
+    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
     keep: bool,
 }
 
@@ -228,14 +221,6 @@ impl GatedMlpDeltaOp {
             kept: Mutex::new(None),
             keep,
         }
-    }
-
-    /// x W^T + delta, (rows, inter).
-    fn projection(&self, x: &Tensor, weight: &Tensor, delta: &Tensor) -> CandleResult<Tensor> {
-        let (inter, in_dim) = weight.dims2()?;
-        let rows = x.elem_count() / in_dim.max(1);
-        let base = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
-        base + delta.reshape((rows, inter))?
     }
 }
 
@@ -253,30 +238,23 @@ impl CustomOp3 for GatedMlpDeltaOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CandleResult<(CpuStorage, Shape)> {
+        let name = self.name();
         let (inter, in_dim) = self.gate_weight.dims2()?;
         let rows = l1.shape().elem_count() / in_dim.max(1);
+        let x = MatrixView::row_major(contiguous_f32(s1, l1, name)?, rows, in_dim);
+        // Each base product lands on a copy of its delta.
         let project = |weight: &Tensor, delta: &[f32]| -> CandleResult<Vec<f32>> {
-            let (storage, layout) = weight.storage_and_layout();
-            let Storage::Cpu(storage) = &*storage else {
-                candle_core::bail!("fused-gated-mlp-lora: the weights are not on the CPU");
-            };
-            let lhs = Layout::contiguous_with_offset((rows, in_dim), l1.start_offset());
-            let rhs = layout.transpose(0, 1)?; // W^T, a view
-            let projected = s1.matmul(storage, (1, rows, inter, in_dim), &lhs, &rhs)?;
-            let CpuStorage::F32(mut projected) = projected else {
-                candle_core::bail!("fused-gated-mlp-lora: the projection is not f32");
-            };
-            for (p, d) in projected.iter_mut().zip(delta) {
-                *p += d;
-            }
+            let mut projected = delta.to_vec();
+            with_f32(weight, name, |weight| {
+                let weight = MatrixView::row_major(weight, inter, in_dim);
+                products::matmul_into(&mut projected, inter, x, weight.t(), true)
+            })?;
             Ok(projected)
         };
-        let gate = project(&self.gate_weight, contiguous_f32(s2, l2, self.name())?)?;
-        let up = project(&self.up_weight, contiguous_f32(s3, l3, self.name())?)?;
+        let gate = project(&self.gate_weight, contiguous_f32(s2, l2, name)?)?;
+        let up = project(&self.up_weight, contiguous_f32(s3, l3, name)?)?;
         let hidden = silu_mul_forward(&gate, &up);
         if self.keep {
-            let gate = Tensor::from_vec(gate, (rows, inter), &Device::Cpu)?;
-            let up = Tensor::from_vec(up, (rows, inter), &Device::Cpu)?;
             if let Ok(mut slot) = self.kept.lock() {
                 *slot = Some((gate, up));
             }
@@ -292,36 +270,49 @@ impl CustomOp3 for GatedMlpDeltaOp {
         _hidden: &Tensor,
         grad: &Tensor,
     ) -> CandleResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (inter, _) = self.gate_weight.dims2()?;
-        let want_x = x.track_op();
-        let x = x.detach();
-        let kept = self.kept.lock().ok().and_then(|slot| slot.clone());
-        let (gate, up) = match kept {
-            Some(kept) => kept,
-            None => (
-                self.projection(&x, &self.gate_weight, &gate_delta.detach())?,
-                self.projection(&x, &self.up_weight, &up_delta.detach())?,
-            ),
-        };
-        let rows = gate.dim(0)?;
+        let name = self.name();
+        let (inter, in_dim) = self.gate_weight.dims2()?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let x_data = x.detach().contiguous()?;
         let grad = grad.detach().contiguous()?;
-        let both = with_f32(&gate, |gate| {
-            with_f32(&up, |up| {
-                with_f32(&grad, |grad| Ok(silu_mul_backward(gate, up, grad)))
+        with_f32(&self.gate_weight, name, |gate_data| {
+            with_f32(&self.up_weight, name, |up_data| {
+                let gate_weight = MatrixView::row_major(gate_data, inter, in_dim);
+                let up_weight = MatrixView::row_major(up_data, inter, in_dim);
+                let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+                let (gate, up) = match kept {
+                    Some(kept) => kept,
+                    None => with_f32(&x_data, name, |x_data| {
+                        let x_rows = MatrixView::row_major(x_data, rows, in_dim);
+                        let project = |weight: MatrixView, delta: &Tensor| {
+                            let mut projected = delta.detach().flatten_all()?.to_vec1::<f32>()?;
+                            products::matmul_into(&mut projected, inter, x_rows, weight.t(), true)?;
+                            Ok::<_, candle_core::Error>(projected)
+                        };
+                        Ok((
+                            project(gate_weight, gate_delta)?,
+                            project(up_weight, up_delta)?,
+                        ))
+                    })?,
+                };
+                // [dgate; dup], (2 * rows, inter)
+                let both = with_f32(&grad, name, |grad| Ok(silu_mul_backward(&gate, &up, grad)))?;
+                let both_view = MatrixView::row_major(&both, 2 * rows, inter);
+                let (dgate, dup) = (both_view.rows(0, rows), both_view.rows(rows, rows));
+                let dx = if x.track_op() {
+                    let mut dx = products::matmul(dgate, gate_weight)?;
+                    products::matmul_into(&mut dx, in_dim, dup, up_weight, true)?;
+                    Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+                } else {
+                    None
+                };
+                let both = Tensor::from_vec(both, (2 * rows, inter), x.device())?;
+                Ok((
+                    dx,
+                    Some(both.narrow(0, 0, rows)?.reshape(gate_delta.shape())?),
+                    Some(both.narrow(0, rows, rows)?.reshape(up_delta.shape())?),
+                ))
             })
-        })?;
-        let both = Tensor::from_vec(both, (2 * rows, inter), x.device())?; // [dgate; dup]
-        let (dgate, dup) = (both.narrow(0, 0, rows)?, both.narrow(0, rows, rows)?);
-        let dx = if want_x {
-            let dx = (dgate.matmul(&self.gate_weight)? + dup.matmul(&self.up_weight)?)?;
-            Some(dx.reshape(x.shape())?)
-        } else {
-            None
-        };
-        Ok((
-            dx,
-            Some(dgate.reshape(gate_delta.shape())?),
-            Some(dup.reshape(up_delta.shape())?),
-        ))
+        })
     }
 }
