@@ -310,4 +310,37 @@ mod tests {
         }
         Ok(())
     }
+
+    #[test]
+    fn deposited_weight_gradients_sum_over_shards() -> candle_core::Result<()> {
+        // The fused projection hands its weight's gradient to the collector of each
+        // shard's backward (model::weight_grads); the shards' deposits must sum to the
+        // whole batch's gradient as candle's store entries do. The bias goes through
+        // candle's store in the same passes.
+        let device = Device::Cpu;
+        let w = Var::new(&[[0.5f32, -1.5], [1.0, 0.25], [-0.5, 2.0]], &device)?;
+        let bias = Var::new(&[0.1f32, -0.2, 0.3], &device)?;
+        let x = Tensor::new(
+            &[[1f32, 2.], [3., -1.], [0.5, 0.5], [2., 2.], [-1., 4.]],
+            &device,
+        )?;
+        let loss_of = |rows: &Tensor| -> candle_core::Result<Tensor> {
+            let projected = crate::model::fused::linear(rows, w.as_tensor())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            projected.broadcast_add(bias.as_tensor())?.sqr()?.mean_all()
+        };
+        let whole = loss_of(&x)?.backward()?;
+        let shards = vec![
+            (loss_of(&x.narrow(0, 0, 3)?)?, 3.0 / 5.0),
+            (loss_of(&x.narrow(0, 3, 2)?)?, 2.0 / 5.0),
+        ];
+        let summed = weighted_backward(&shards, &[w.clone(), bias.clone()])?;
+        for var in [&w, &bias] {
+            let expected = whole.get(var.as_tensor()).expect("grad");
+            let got = summed.get(var.as_tensor()).expect("grad");
+            let difference = (expected - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(difference < 1e-5, "differs by {difference}");
+        }
+        Ok(())
+    }
 }

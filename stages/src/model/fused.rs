@@ -8,9 +8,11 @@
 //! op forward, and in backward candle zero-fills and accumulates a fresh gradient buffer
 //! for every edge of the graph; one node per block is several times cheaper. The kernels
 //! are plain single-threaded loops over contiguous f32 rows (training runs data-parallel
-//! shards, one thread each), written so LLVM vectorises them; the products still run on
-//! candle's gemm. Inputs that are not f32 on the CPU, or not laid out as a kernel needs,
-//! take the composite `*_reference` path, which is also what the tests compare against.
+//! shards, one thread each), written so LLVM vectorises them; the projections' products
+//! call gemm directly (`products`), and their weight gradients go to the running
+//! [`super::weight_grads::backward`] when there is one. Inputs that are not f32 on the
+//! CPU, or not laid out as a kernel needs, take the composite `*_reference` path, which
+//! is also what the tests compare against.
 //! The backward of each op is computed without a graph: nothing here takes second
 //! derivatives. Unlike candle's own fused ops (../shared/NOTES.md), these keep gradients:
 //! they are applied with `apply_op*`, never `apply_op*_no_bwd`.

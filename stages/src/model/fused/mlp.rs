@@ -1,7 +1,7 @@
 //! The input half of the SiLU-gated MLP, `silu(x Wg^T) * (x Wu^T)`, as one graph node:
-//! one gemm against the stacked [Wg; Wu], the gate applied row by row, and a backward
-//! that gives x one gradient (not one per projection plus two for the product) and both
-//! weights theirs from a single gemm. For projections without LoRA or bias.
+//! both products written side by side into rows [gate | up], the gate applied row by
+//! row, and a backward that gives x one gradient (not one per projection plus two for
+//! the product) and each weight its own. For projections without LoRA or bias.
 
 use super::kernels::{
     contiguous_f32, silu_mul_backward, silu_mul_forward, silu_mul_rows, silu_mul_rows_backward,
