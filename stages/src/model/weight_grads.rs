@@ -34,10 +34,6 @@ impl WeightGrads {
     pub fn take(&mut self, var: &Tensor) -> Option<Vec<f32>> {
         self.grads.remove(&var.id())
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.grads.is_empty()
-    }
 }
 
 thread_local! {

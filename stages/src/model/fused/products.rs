@@ -83,7 +83,7 @@ fn parallelism() -> Parallelism {
 /// The (m, n) product `lhs · rhs` in a new row-major buffer.
 pub(super) fn matmul(lhs: MatrixView, rhs: MatrixView) -> Result<Vec<f32>> {
     let len = lhs.rows * rhs.cols;
-    if lhs.cols == 0 {
+    if lhs.cols == 0 || len == 0 {
         return Ok(vec![0.0; len]);
     }
     let mut out = Vec::with_capacity(len);
@@ -101,7 +101,7 @@ pub(super) fn matmul(lhs: MatrixView, rhs: MatrixView) -> Result<Vec<f32>> {
 pub(super) fn matmul_side_by_side(lhs: MatrixView, rhs: &[MatrixView]) -> Result<Vec<f32>> {
     let width: usize = rhs.iter().map(|r| r.cols).sum();
     let len = lhs.rows * width;
-    if lhs.cols == 0 {
+    if lhs.cols == 0 || len == 0 {
         return Ok(vec![0.0; len]);
     }
     let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -319,6 +319,13 @@ mod tests {
         let lhs = MatrixView::row_major(&empty, 3, 0);
         let rhs = MatrixView::row_major(&empty, 0, 2);
         assert_eq!(matmul(lhs, rhs).unwrap(), vec![0.0; 6]);
+        let no_rows = MatrixView::row_major(&empty, 0, 3);
+        let some = data(3 * 2, 10);
+        let some = MatrixView::row_major(&some, 3, 2);
+        assert!(matmul(no_rows, some).unwrap().is_empty());
+        assert!(matmul_side_by_side(no_rows, &[some, some])
+            .unwrap()
+            .is_empty());
         let a = data(6, 6);
         let lhs = MatrixView::row_major(&a, 2, 3);
         assert!(matmul(lhs, lhs).is_err(), "(2, 3) · (2, 3)");
