@@ -346,7 +346,6 @@ pub(crate) fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
 
 /// The large negative added to masked attention scores: finite, so a row with every
 /// key masked (a pad query under left padding) gives uniform weights instead of NaN.
-/// The additive bias that hides a key (finite: an all-hidden row stays a number).
 pub(crate) fn masked_value(dtype: DType) -> f32 {
     match dtype {
         DType::F16 => -65504.0,

@@ -145,19 +145,37 @@ impl CustomOp2 for LinearOp {
                 return Ok((dx, None));
             }
             let x = x.contiguous()?;
-            with_f32(&x, name, |x| {
-                let x = MatrixView::row_major(x, rows, in_dim);
-                let dweight = || products::matmul(grad.t(), x); // (out, in)
-                let add_dweight =
-                    |dst: &mut [f32]| products::matmul_into(dst, in_dim, grad.t(), x, true);
-                if weight_grads::deposit(weight, dweight, add_dweight)? {
-                    return Ok((dx, None));
-                }
-                let dweight = Tensor::from_vec(dweight()?, (out_dim, in_dim), weight.device())?;
-                Ok((dx, Some(dweight)))
-            })
+            let dweight = with_f32(&x, name, |x| {
+                weight_gradient(weight, grad, MatrixView::row_major(x, rows, in_dim))
+            })?;
+            Ok((dx, dweight))
         })
     }
+}
+
+/// The gradient `grad^T x` (out, in) of a projection's trained `weight`, given the
+/// gradient of its output (rows, out) and its input (rows, in): handed to the running
+/// [`weight_grads::backward`] when there is one (then `None`), else returned for candle.
+/// `None` too when the weight is not trained.
+fn weight_gradient(
+    weight: &Tensor,
+    grad: MatrixView,
+    x: MatrixView,
+) -> CandleResult<Option<Tensor>> {
+    if !weight.track_op() {
+        return Ok(None);
+    }
+    let dweight = || products::matmul(grad.t(), x);
+    let in_dim = weight.dim(1)?;
+    let add = |dst: &mut [f32]| products::matmul_into(dst, in_dim, grad.t(), x, true);
+    if weight_grads::deposit(weight, dweight, add)? {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(
+        dweight()?,
+        weight.shape(),
+        weight.device(),
+    )?))
 }
 
 /// `x W^T + delta` with a constant (frozen) weight: a LoRA projection, delta being the

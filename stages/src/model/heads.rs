@@ -230,7 +230,8 @@ impl RewardHead {
             * attention_mask
                 .narrow(1, 1, time - 1)?
                 .to_dtype(DType::F32)?)?; // (b, t-1)
-                                          // The LM head only where the feature reads it: the reply tokens' predecessors.
+
+        // The LM head only where the feature reads it: the reply tokens' predecessors.
         let (batch, hidden_size) = (hidden.dim(0)?, hidden.dim(2)?);
         let scored: Vec<(usize, u32)> = mask
             .to_vec2::<f32>()?
@@ -260,7 +261,8 @@ impl RewardHead {
                 .flatten_all()?
                 .index_select(&places, 0)?; // (n,)
             let per_token = token_logprobs(&model.logits(&states)?, &targets)?; // (n,)
-                                                                                // Row sums as a product with the (b, n) row-membership matrix.
+
+            // Row sums as a product with the (b, n) row-membership matrix.
             let mut membership = vec![0f32; batch * scored.len()];
             for (k, (row, _)) in scored.iter().enumerate() {
                 membership[row * scored.len() + k] = 1.0;

@@ -26,7 +26,8 @@ pub struct WeightGrads {
 
 impl WeightGrads {
     /// The gradient deposited for `var`, as f32 values in its (contiguous) layout.
-    pub fn get(&self, var: &Tensor) -> Option<&[f32]> {
+    #[cfg(test)]
+    fn get(&self, var: &Tensor) -> Option<&[f32]> {
         self.grads.get(&var.id()).map(Vec::as_slice)
     }
 

@@ -8,8 +8,10 @@ use super::kernels::{
     with_f32,
 };
 use super::products::{self, MatrixView};
-use super::{fusable, linear_reference, silu_mul_reference, with_last_dim, CandleResult};
-use crate::model::{weight_grads, Result};
+use super::{
+    fusable, linear_reference, silu_mul_reference, weight_gradient, with_last_dim, CandleResult,
+};
+use crate::model::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use std::sync::Mutex;
 
@@ -131,23 +133,8 @@ impl CustomOp3 for GatedMlpInputOp {
                     } else {
                         None
                     };
-                    // dW = d^T x, (inter, in): deposited when collected, else to candle.
-                    let weight_grad = |weight: &Tensor, d: MatrixView| -> CandleResult<_> {
-                        let dweight = || products::matmul(d.t(), x_rows);
-                        let add = |dst: &mut [f32]| {
-                            products::matmul_into(dst, in_dim, d.t(), x_rows, true)
-                        };
-                        if !weight.track_op() || weight_grads::deposit(weight, dweight, add)? {
-                            return Ok(None);
-                        }
-                        Ok(Some(Tensor::from_vec(
-                            dweight()?,
-                            (inter, in_dim),
-                            x.device(),
-                        )?))
-                    };
-                    let dgate_weight = weight_grad(gate_weight, dgate)?;
-                    let dup_weight = weight_grad(up_weight, dup)?;
+                    let dgate_weight = weight_gradient(gate_weight, dgate, x_rows)?;
+                    let dup_weight = weight_gradient(up_weight, dup, x_rows)?;
                     Ok((dx, dgate_weight, dup_weight))
                 })
             })
