@@ -24,27 +24,20 @@ use crate::simd::multiversion;
 /// norm is `sqrt(Σ_p ‖g_p‖²)`, and every gradient is multiplied by
 /// `min(1, max_norm / (total + 1e-6))`. Variables without a gradient are skipped.
 /// A non-finite norm is returned as is and gradients are left unchanged; the caller decides
-/// (training stages stop on it).
+/// (training stages stop on it). Training loops use [`grad_norm`] and
+/// [`AdamW::step_clipped`] instead, which scale each gradient as the update reads it.
 pub fn clip_grad_norm(
     vars: &[Var],
     grads: &mut GradStore,
     max_norm: f64,
 ) -> Result<f64, AlgoError> {
     let f = at("clip_grad_norm");
-    let present: Vec<(&Var, Tensor)> = vars
-        .iter()
-        .filter_map(|var| Some((var, grads.get(var.as_tensor())?.clone())))
-        .collect();
-    // Each variable's sum on its own thread, then added in variable order: the same
-    // total whatever the thread count.
-    let sums = map_shards(present.len(), |i| squared_sum(&present[i].1));
-    let mut squared_total = 0f64;
-    for sum in sums {
-        squared_total += sum.map_err(&f)?;
-    }
-    let total_norm = squared_total.sqrt();
-    let coefficient = max_norm / (total_norm + 1e-6);
-    if total_norm.is_finite() && coefficient < 1.0 {
+    let total_norm = grad_norm(vars, grads)?;
+    if let Some(coefficient) = clip_coefficient(total_norm, max_norm) {
+        let present: Vec<(&Var, Tensor)> = vars
+            .iter()
+            .filter_map(|var| Some((var, grads.get(var.as_tensor())?.clone())))
+            .collect();
         let scaled = map_shards(present.len(), |i| {
             scale_in_place(&present[i].1, coefficient)
         });
@@ -56,6 +49,32 @@ pub fn clip_grad_norm(
         }
     }
     Ok(total_norm)
+}
+
+/// The global L2 norm `sqrt(Σ_p ‖g_p‖²)` of the gradients of `vars` in `grads`
+/// (variables without a gradient are skipped), summed in f64.
+pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64, AlgoError> {
+    let f = at("grad_norm");
+    let present: Vec<&Tensor> = vars
+        .iter()
+        .filter_map(|var| grads.get(var.as_tensor()))
+        .collect();
+    // Each variable's sum on its own thread, then added in variable order: the same
+    // total whatever the thread count.
+    let sums = map_shards(present.len(), |i| squared_sum(present[i]));
+    let mut squared_total = 0f64;
+    for sum in sums {
+        squared_total += sum.map_err(&f)?;
+    }
+    Ok(squared_total.sqrt())
+}
+
+/// The factor [`clip_grad_norm`] multiplies gradients by for a norm of `total_norm`:
+/// `max_norm / (total_norm + 1e-6)` when that is below 1, `None` (no clipping) otherwise
+/// or when the norm is not finite.
+pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> Option<f64> {
+    let coefficient = max_norm / (total_norm + 1e-6);
+    (total_norm.is_finite() && coefficient < 1.0).then_some(coefficient)
 }
 
 multiversion! {
@@ -142,6 +161,8 @@ struct Slot {
 
 /// The scalars of one variable's update.
 struct UpdateCoefficients {
+    /// The clipping factor the gradient is multiplied by first, if any.
+    grad_scale: Option<f64>,
     /// 1 - lr × weight decay (decoupled decay).
     decay: f64,
     beta1: f64,
@@ -158,6 +179,14 @@ fn tensor_update(
     grad: &Tensor,
     c: &UpdateCoefficients,
 ) -> candle_core::Result<()> {
+    let scaled;
+    let grad = match c.grad_scale {
+        Some(scale) => {
+            scaled = grad.affine(scale, 0.0)?;
+            &scaled
+        }
+        None => grad,
+    };
     let theta = slot.var.as_tensor();
     let decayed = theta.affine(c.decay, 0.0)?;
     let first = (slot.first_moment.affine(c.beta1, 0.0)? + grad.affine(1.0 - c.beta1, 0.0)?)?;
@@ -224,6 +253,9 @@ fn with_f32_data_mut<R>(
 /// The coefficients of [`UpdateCoefficients`] in f32, as the tensor ops round them.
 #[derive(Clone, Copy)]
 struct F32Coefficients {
+    /// 1 when there is no clipping: `g * 1 + 0` is g but for the sign of a zero, which
+    /// no later operation keeps (each term of the update adds +0).
+    grad_scale: f32,
     decay: f32,
     beta1: f32,
     one_minus_beta1: f32,
@@ -238,6 +270,7 @@ impl From<&UpdateCoefficients> for F32Coefficients {
     fn from(c: &UpdateCoefficients) -> Self {
         let f = |x: f64| x as f32;
         Self {
+            grad_scale: c.grad_scale.map_or(1.0, f),
             decay: f(c.decay),
             beta1: f(c.beta1),
             one_minus_beta1: f(1.0 - c.beta1),
@@ -263,6 +296,8 @@ multiversion! {
     ) -> () {
         let moments = first.iter_mut().zip(second.iter_mut());
         for ((t, (m, v)), &g) in theta.iter_mut().zip(moments).zip(grad) {
+            // Clipping as `clip_grad_norm`'s in-place scaling rounds it.
+            let g = g * c.grad_scale + 0.0;
             let new_m = (*m * c.beta1 + 0.0) + (g * c.one_minus_beta1 + 0.0);
             let new_v = (*v * c.beta2 + 0.0) + ((g * g) * c.one_minus_beta2 + 0.0);
             let denominator = new_v.sqrt() * c.inverse_bias_correction2_sqrt + c.eps;
@@ -398,6 +433,17 @@ impl AdamW {
 
     /// Applies one update from `grads` to every variable that has a gradient there.
     pub fn step(&mut self, grads: &GradStore) -> Result<(), AlgoError> {
+        self.step_clipped(grads, None)
+    }
+
+    /// [`Self::step`] on the gradients multiplied by `grad_scale` (a
+    /// [`clip_coefficient`]): the same update as [`clip_grad_norm`] followed by
+    /// [`Self::step`], bit for bit, without a pass that writes the scaled gradients.
+    pub fn step_clipped(
+        &mut self,
+        grads: &GradStore,
+        grad_scale: Option<f64>,
+    ) -> Result<(), AlgoError> {
         let f = at("AdamW::step");
         self.step += 1;
         let AdamWConfig {
@@ -416,6 +462,7 @@ impl AdamW {
             let bias_correction1 = 1.0 - beta1.powi(slot.updates as i32);
             let bias_correction2_sqrt = (1.0 - beta2.powi(slot.updates as i32)).sqrt();
             let coefficients = UpdateCoefficients {
+                grad_scale,
                 decay: 1.0 - learning_rate * weight_decay,
                 beta1,
                 beta2,
@@ -593,7 +640,9 @@ mod fused_update_tests {
                 .map(|i| ((i * 7 + step * 3) % 11) as f32 * 0.37 - 1.6)
                 .collect();
             let grad = Tensor::new(grad, &Device::Cpu).expect("grad");
+            // Every other step with a clipping factor, folded into the update.
             let c = UpdateCoefficients {
+                grad_scale: (step % 2 == 0).then_some(0.37),
                 decay: 1.0 - 1e-3 * 0.01,
                 beta1: 0.9,
                 beta2: 0.999,
@@ -625,6 +674,7 @@ mod fused_update_tests {
         };
         let grad = Tensor::new(&[0.5f64, -0.5], &Device::Cpu).expect("grad");
         let c = UpdateCoefficients {
+            grad_scale: None,
             decay: 1.0,
             beta1: 0.9,
             beta2: 0.999,
@@ -664,6 +714,75 @@ mod fused_update_tests {
                 .expect("m"),
             first
         );
+    }
+}
+
+#[cfg(test)]
+mod clipped_step_tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn bits(var: &Var) -> Vec<u32> {
+        let values = var.as_tensor().flatten_all().expect("flat");
+        let values = values.to_vec1::<f32>().expect("values");
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Three steps of a two-variable model, clipping at `max_norm`: either scaling the
+    /// gradients in place then stepping, or stepping with the clip factor folded in.
+    fn train(max_norm: f64, folded: bool) -> Vec<Vec<u32>> {
+        let a = Var::new(&[[0.5f32, -1.25, 3.0], [0.0, 2.0, -0.75]], &Device::Cpu).expect("a");
+        let b = Var::new(&[1.5f32, -0.5], &Device::Cpu).expect("b");
+        let vars = vec![a.clone(), b.clone()];
+        let named = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        let mut optimizer = AdamW::new(named, AdamWConfig::default()).expect("optimiser");
+        for step in 0..3 {
+            let loss = (a.as_tensor().sqr().expect("sqr").sum_all().expect("sum") * 3.0)
+                .expect("scale")
+                .add(
+                    &(b.as_tensor() * (step as f64 + 2.0))
+                        .expect("b")
+                        .sum_all()
+                        .expect("sum"),
+                )
+                .expect("loss");
+            let mut grads = loss.backward().expect("grads");
+            if folded {
+                let norm = grad_norm(&vars, &grads).expect("norm");
+                let scale = clip_coefficient(norm, max_norm);
+                optimizer.step_clipped(&grads, scale).expect("step");
+            } else {
+                clip_grad_norm(&vars, &mut grads, max_norm).expect("clip");
+                optimizer.step(&grads).expect("step");
+            }
+        }
+        vec![bits(&a), bits(&b)]
+    }
+
+    #[test]
+    fn a_clipped_step_is_bitwise_clipping_then_stepping() {
+        // The norm is about 20 here: clipped at 1, untouched at 1000.
+        for max_norm in [1.0, 1000.0] {
+            assert_eq!(
+                train(max_norm, true),
+                train(max_norm, false),
+                "max_norm {max_norm}"
+            );
+        }
+        assert_ne!(
+            train(1.0, true),
+            train(1000.0, true),
+            "clipping changed nothing"
+        );
+    }
+
+    #[test]
+    fn the_clip_factor_is_torchs() {
+        assert_eq!(clip_coefficient(0.5, 1.0), None);
+        assert_eq!(clip_coefficient(4.0, 2.0), Some(2.0 / (4.0 + 1e-6)));
+        assert_eq!(clip_coefficient(f64::NAN, 1.0), None);
+        assert_eq!(clip_coefficient(f64::INFINITY, 1.0), None);
+        assert_eq!(clip_coefficient(3.0, f64::INFINITY), None);
     }
 }
 

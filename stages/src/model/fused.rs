@@ -153,6 +153,73 @@ impl CustomOp2 for LinearOp {
     }
 }
 
+/// `residual + x W^T`: a projection whose output joins the residual stream (the
+/// attention's o_proj, the MLP's down_proj), as one node. Against a projection then a
+/// separate add, candle keeps one node fewer, so one zero-filled gradient buffer and
+/// one add fewer per call, and the sum is written over the product instead of into a
+/// third buffer. The same float operations as the pair, so the same bits.
+pub fn linear_add(x: &Tensor, weight: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let fits = fusable(&[x, weight, residual])
+        && [x, weight, residual].iter().all(|t| t.is_contiguous())
+        && weight.rank() == 2
+        && x.rank() >= 1
+        && weight.dim(1)? == x.dim(D::Minus1)?
+        && residual.shape() == &with_last_dim(x.shape(), weight.dim(0)?);
+    if !fits {
+        return Ok((residual + linear(x, weight)?)?);
+    }
+    Ok(x.apply_op3(weight, residual, LinearAddOp)?)
+}
+
+struct LinearAddOp;
+
+impl CustomOp3 for LinearAddOp {
+    fn name(&self) -> &'static str {
+        "fused-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CandleResult<(CpuStorage, Shape)> {
+        let (out_dim, in_dim) = l2.shape().dims2()?;
+        let rows = l1.shape().elem_count() / in_dim.max(1);
+        let x = MatrixView::row_major(contiguous_f32(s1, l1, self.name())?, rows, in_dim);
+        let weight = MatrixView::row_major(contiguous_f32(s2, l2, self.name())?, out_dim, in_dim);
+        let residual = contiguous_f32(s3, l3, self.name())?;
+        let mut y = products::matmul(x, weight.t())?;
+        if residual.len() != y.len() {
+            candle_core::bail!(
+                "{}: the residual does not match the projection",
+                self.name()
+            );
+        }
+        for (y, r) in y.iter_mut().zip(residual) {
+            *y = r + *y;
+        }
+        Ok((CpuStorage::F32(y), l3.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        residual: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> CandleResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dweight) = LinearOp.bwd(x, weight, y, grad)?;
+        // The residual's gradient is the output's, shared rather than copied.
+        let dresidual = residual.track_op().then(|| grad.detach());
+        Ok((dx, dweight, dresidual))
+    }
+}
+
 /// The gradient `grad^T x` (out, in) of a projection's trained `weight`, given the
 /// gradient of its output (rows, out) and its input (rows, in): handed to the running
 /// [`weight_grads::backward`] when there is one (then `None`), else returned for candle.

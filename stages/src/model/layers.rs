@@ -61,6 +61,15 @@ impl Linear {
         Ok(y)
     }
 
+    /// `residual + forward(x)`: one fused node (`fused::linear_add`) for a plain
+    /// projection.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, rng: DropoutRng) -> Result<Tensor> {
+        if self.lora.is_none() && self.bias.is_none() {
+            return fused::linear_add(x, &self.weight, residual);
+        }
+        Ok((residual + self.forward(x, rng)?)?)
+    }
+
     pub fn in_dim(&self) -> usize {
         self.weight.dims()[1]
     }
@@ -146,10 +155,12 @@ impl Attention {
         })
     }
 
-    /// x (b, t, hidden) → (b, t, hidden); `mask` (b or 1, 1, t, t) is added to the scores.
-    pub fn forward(
+    /// `residual` + attention of x (b, t, hidden) → (b, t, hidden); `mask` (b or 1, 1,
+    /// t, t) is added to the scores.
+    pub fn forward_add(
         &self,
         x: &Tensor,
+        residual: &Tensor,
         rope: &RopeTables,
         mask: &Tensor,
         rng: DropoutRng,
@@ -163,7 +174,7 @@ impl Attention {
         let scale = 1.0 / (head_dim as f64).sqrt();
         // One node for scores, mask, softmax and the weighted sum (`fused::attention`).
         let context = fused::attention(&q, &k, &v, mask, scale)?; // (b, t, h*d)
-        self.o_proj.forward(&context, rng)
+        self.o_proj.forward_add(&context, residual, rng)
     }
 }
 
@@ -188,13 +199,14 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, rng: DropoutRng) -> Result<Tensor> {
+    /// `residual` + the MLP of x.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, rng: DropoutRng) -> Result<Tensor> {
         let plain = |linear: &Linear| linear.lora.is_none() && linear.bias.is_none();
         if plain(&self.gate_proj) && plain(&self.up_proj) {
             // Both projections and the gate in one node (`fused::gated_mlp_input`).
             let (gate, up) = (&self.gate_proj.weight, &self.up_proj.weight);
             let hidden = fused::gated_mlp_input(x, gate, up)?; // (b, t, inter)
-            return self.down_proj.forward(&hidden, rng);
+            return self.down_proj.forward_add(&hidden, residual, rng);
         }
         let (gate, up) = (&self.gate_proj, &self.up_proj);
         if let (Some(gate_lora), Some(up_lora), None, None) =
@@ -213,11 +225,12 @@ impl Mlp {
                 &gate_delta,
                 &up_delta,
             )?; // (b, t, inter)
-            return self.down_proj.forward(&hidden, rng);
+            return self.down_proj.forward_add(&hidden, residual, rng);
         }
         let gate = self.gate_proj.forward(x, rng)?; // (b, t, inter)
         let up = self.up_proj.forward(x, rng)?;
-        self.down_proj.forward(&fused::silu_mul(&gate, &up)?, rng)
+        self.down_proj
+            .forward_add(&fused::silu_mul(&gate, &up)?, residual, rng)
     }
 }
 
@@ -257,14 +270,10 @@ impl DecoderLayer {
         mask: &Tensor,
         rng: DropoutRng,
     ) -> Result<Tensor> {
-        let attended =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, rope, mask, rng)?;
-        let x = (x + attended)?;
-        let mixed = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?, rng)?;
-        Ok((x + mixed)?)
+        let normed = self.input_layernorm.forward(x)?;
+        let x = self.self_attn.forward_add(&normed, x, rope, mask, rng)?;
+        let normed = self.post_attention_layernorm.forward(&x)?;
+        self.mlp.forward_add(&normed, &x, rng)
     }
 
     /// The seven linear modules with their HF short names.

@@ -203,11 +203,10 @@ pub fn apply_update(
     max_grad_norm: Option<f64>,
     update: usize,
 ) -> Result<f64, StageError> {
-    let mut grads = crate::parallel::weighted_backward(weighted_losses, trainer.vars)
+    use crate::algo::optim::{clip_coefficient, grad_norm};
+    let grads = crate::parallel::weighted_backward(weighted_losses, trainer.vars)
         .or_fail("backward pass")?;
-    let max_norm = max_grad_norm.unwrap_or(f64::INFINITY);
-    let grad_norm = crate::algo::optim::clip_grad_norm(trainer.vars, &mut grads, max_norm)
-        .or_fail("clipping gradients")?;
+    let grad_norm = grad_norm(trainer.vars, &grads).or_fail("gradient norm")?;
     if !grad_norm.is_finite() {
         return Err(StageError::failed_with_hint(
             format!(
@@ -220,6 +219,10 @@ pub fn apply_update(
     trainer
         .optimizer
         .set_learning_rate(trainer.schedule.learning_rate(update));
-    trainer.optimizer.step(&grads).or_fail("optimiser step")?;
+    let max_norm = max_grad_norm.unwrap_or(f64::INFINITY);
+    trainer
+        .optimizer
+        .step_clipped(&grads, clip_coefficient(grad_norm, max_norm))
+        .or_fail("optimiser step")?;
     Ok(grad_norm)
 }

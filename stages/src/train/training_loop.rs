@@ -13,7 +13,7 @@
 use super::checkpoint::{load_latest_checkpoint, new_state, save_checkpoint, MetricLine};
 use super::settings::TrainSettings;
 use super::StageResultExt;
-use crate::algo::optim::{clip_grad_norm, AdamW};
+use crate::algo::optim::{clip_coefficient, grad_norm, AdamW};
 use crate::data::batch::epoch_batches;
 use crate::parallel::{
     combine_shards, map_shards, shard_rng, split_by_padded_length, weighted_backward, ShardLoss,
@@ -196,17 +196,17 @@ pub fn run_training(
             loss_sum += combined.loss;
             add_metrics(&mut extra, &combined.metrics, batches.len());
         }
-        let mut grads = grads.ok_or_else(|| StageError::failed("a step with no micro-batches"))?;
-        let grad_norm = match settings.optimizer.max_grad_norm {
-            Some(max) => clip_grad_norm(&vars, &mut grads, max).or_fail("clipping gradients")?,
-            None => clip_grad_norm(&vars, &mut grads, f64::INFINITY).or_fail("gradient norm")?,
-        };
+        let grads = grads.ok_or_else(|| StageError::failed("a step with no micro-batches"))?;
+        let grad_norm = grad_norm(&vars, &grads).or_fail("gradient norm")?;
         if !grad_norm.is_finite() {
             return Err(non_finite(ctx, step + 1, grad_norm));
         }
+        let max_norm = settings.optimizer.max_grad_norm.unwrap_or(f64::INFINITY);
         let learning_rate = schedule.learning_rate(step);
         optimizer.set_learning_rate(learning_rate);
-        optimizer.step(&grads).or_fail("optimiser step")?;
+        optimizer
+            .step_clipped(&grads, clip_coefficient(grad_norm, max_norm))
+            .or_fail("optimiser step")?;
         let loss = loss_sum / batches.len() as f64;
         let mut values = vec![
             ("loss".to_string(), loss),

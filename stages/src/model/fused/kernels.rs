@@ -138,13 +138,13 @@ multiversion! {
 pub(super) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let dim = weight.len().max(1);
     let inv_dim = (1.0 / dim as f64) as f32;
-    let mut out = vec![0f32; x.len()];
-    for (y, row) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+    // Filled row by row as computed: a zero-filled buffer would be written twice.
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(dim) {
         let rms = row_rms(row, inv_dim, eps);
-        for ((y, v), w) in y.iter_mut().zip(row).zip(weight) {
-            *y = v / rms * w;
-        }
+        out.extend(row.iter().zip(weight).map(|(v, w)| v / rms * w));
     }
+    out.resize(x.len(), 0.0);
     out
 }
 }
@@ -253,20 +253,21 @@ pub(super) fn silu_mul_rows(gate_up: &[f32], inter: usize) -> Vec<f32> {
 }
 
 multiversion! {
-/// The gradient of [`silu_mul_rows`]: rows [dgate | dup] from rows of `grad` (inter).
-pub(super) fn silu_mul_rows_backward(gate_up: &[f32], grad: &[f32], inter: usize) -> Vec<f32> {
+/// The gradient of [`silu_mul_rows`], in place: rows [gate | up] become rows
+/// [dgate | dup], given rows of `grad` (inter). The forward's buffer is the backward's
+/// output, so the largest gradient of the MLP needs no buffer of its own.
+pub(super) fn silu_mul_rows_backward_in_place(gate_up: &mut [f32], grad: &[f32], inter: usize) -> () {
     let inter = inter.max(1);
-    let mut out = vec![0f32; gate_up.len()];
-    let rows = out
-        .chunks_exact_mut(2 * inter)
-        .zip(gate_up.chunks_exact(2 * inter))
-        .zip(grad.chunks_exact(inter));
-    for ((d_row, row), g) in rows {
-        let (gate, up) = row.split_at(inter);
-        let (dgate, dup) = d_row.split_at_mut(inter);
-        silu_mul_backward_into(gate, up, g, dgate, dup);
+    for (row, d) in gate_up.chunks_exact_mut(2 * inter).zip(grad.chunks_exact(inter)) {
+        let (gate, up) = row.split_at_mut(inter);
+        let (gate, up) = (&mut gate[..inter], &mut up[..inter]);
+        for i in 0..inter {
+            let (g, u, d) = (gate[i], up[i], d[i]);
+            let s = 1.0 / (1.0 + exp_f32(-g));
+            up[i] = d * g * s;
+            gate[i] = d * u * s * (1.0 + g * (1.0 - s));
+        }
     }
-    out
 }
 }
 

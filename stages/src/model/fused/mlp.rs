@@ -4,8 +4,8 @@
 //! the product) and each weight its own. For projections without LoRA or bias.
 
 use super::kernels::{
-    contiguous_f32, silu_mul_backward, silu_mul_forward, silu_mul_rows, silu_mul_rows_backward,
-    with_f32,
+    contiguous_f32, silu_mul_backward, silu_mul_forward, silu_mul_rows,
+    silu_mul_rows_backward_in_place, with_f32,
 };
 use super::products::{self, MatrixView};
 use super::{
@@ -117,12 +117,13 @@ impl CustomOp3 for GatedMlpInputOp {
                     let gate = MatrixView::row_major(gate_data, inter, in_dim);
                     let up = MatrixView::row_major(up_data, inter, in_dim);
                     let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
-                    let gate_up = match kept {
+                    let mut dgate_up = match kept {
                         Some(kept) => kept,
                         None => gate_up_rows(x_rows, gate, up)?,
                     };
-                    let dgate_up = with_f32(&grad, name, |grad| {
-                        Ok(silu_mul_rows_backward(&gate_up, grad, inter))
+                    with_f32(&grad, name, |grad| {
+                        silu_mul_rows_backward_in_place(&mut dgate_up, grad, inter);
+                        Ok(())
                     })?;
                     let dgate_up = MatrixView::row_major(&dgate_up, rows, 2 * inter);
                     let (dgate, dup) = (dgate_up.columns(0, inter), dgate_up.columns(inter, inter));

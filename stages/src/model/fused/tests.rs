@@ -117,6 +117,34 @@ fn fused_linear_matches_the_composite_in_values_and_gradients() {
 }
 
 #[test]
+fn fused_linear_add_matches_the_composite_in_values_and_gradients() {
+    let x = random(&[2, 5, 7], 30);
+    let weight = random(&[3, 7], 31);
+    let residual = random(&[2, 5, 3], 32);
+    let fused = |t: &[Tensor]| -> Result<Tensor> { Ok(t[0].apply_op3(&t[1], &t[2], LinearAddOp)?) };
+    let reference = |t: &[Tensor]| Ok((&t[2] + linear_reference(&t[0], &t[1])?)?);
+    let inputs = [x, weight, residual];
+    for trainable in [
+        [true, true, true],
+        [true, false, true],
+        [false, true, false],
+    ] {
+        let name = format!("linear_add {trainable:?}");
+        assert_same_op(&name, &inputs, &trainable, &fused, &reference);
+    }
+    // The same bits as the pair it replaces.
+    let pair = (&inputs[2] + inputs[0].apply_op2(&inputs[1], LinearOp).unwrap()).unwrap();
+    let one = fused(&inputs).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        values.iter().map(|v| v.to_bits()).collect()
+    };
+    assert_eq!(bits(&one), bits(&pair));
+    // A residual of another shape takes the composite path, which reports the mismatch.
+    assert!(linear_add(&inputs[0], &inputs[1], &random(&[2, 5, 4], 33)).is_err());
+}
+
+#[test]
 fn fused_gated_mlp_input_matches_the_composite_in_values_and_gradients() {
     let x = random(&[2, 5, 7], 40);
     let gate_weight = (random(&[9, 7], 41) * 2.0).unwrap();
