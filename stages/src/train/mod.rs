@@ -83,12 +83,17 @@ pub fn next_token_loss(
         .and_then(|m| m.sum_all())
         .and_then(|m| m.to_scalar::<f32>())
         .or_fail("counting scored tokens")? as f64;
-    let loss = crate::algo::lm::masked_token_cross_entropy(
+    // The fused log-softmax + gather reads the shifted logits in place and is one node
+    // each way; the composite (`algo::lm::masked_token_cross_entropy`, the same
+    // quantity) is about ten nodes over (b, t-1, vocab) tensors, each with its own
+    // zero-filled gradient in backward.
+    let logprobs = crate::model::logprobs::token_logprobs(
         &logits.narrow(1, 0, time - 1).or_fail("shift")?, // (b, t-1, v)
         &ids.narrow(1, 1, time - 1).or_fail("shift")?,    // (b, t-1)
-        &target_mask,
     )
-    .or_fail("next-token loss")?;
+    .or_fail("next-token log-probabilities")?;
+    let nll = logprobs.neg().or_fail("next-token loss")?;
+    let loss = crate::algo::masked::masked_mean(&nll, &target_mask).or_fail("next-token loss")?;
     Ok((loss, scored))
 }
 
