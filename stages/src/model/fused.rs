@@ -27,12 +27,14 @@ use kernels::{
 use products::MatrixView;
 
 mod attention;
+mod block;
 mod kernels;
 mod logprobs;
 mod mlp;
 mod products;
 mod rope;
 pub use attention::{attention, attention_reference};
+pub use block::{attention_block, mlp_block, AttentionBlockWeights, MlpBlockWeights};
 pub use logprobs::{
     token_entropy, token_entropy_reference, token_logprobs, token_logprobs_reference,
 };

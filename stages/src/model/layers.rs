@@ -270,10 +270,69 @@ impl DecoderLayer {
         mask: &Tensor,
         rng: DropoutRng,
     ) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward(x)?;
-        let x = self.self_attn.forward_add(&normed, x, rope, mask, rng)?;
+        let x = match self.fused_attention_half(x, rope, mask)? {
+            Some(y) => y,
+            None => {
+                let normed = self.input_layernorm.forward(x)?;
+                self.self_attn.forward_add(&normed, x, rope, mask, rng)?
+            }
+        };
+        if let Some(y) = self.fused_mlp_half(&x)? {
+            return Ok(y);
+        }
         let normed = self.post_attention_layernorm.forward(&x)?;
         self.mlp.forward_add(&normed, &x, rng)
+    }
+
+    /// The attention half as one node (`fused::attention_block`) when its projections
+    /// are plain.
+    fn fused_attention_half(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let attn = &self.self_attn;
+        let plain = [&attn.q_proj, &attn.k_proj, &attn.v_proj, &attn.o_proj]
+            .iter()
+            .all(|l| l.lora.is_none() && l.bias.is_none());
+        if !plain {
+            return Ok(None);
+        }
+        let weights = fused::AttentionBlockWeights {
+            norm: &self.input_layernorm.weight,
+            eps: self.input_layernorm.eps,
+            q: &attn.q_proj.weight,
+            k: &attn.k_proj.weight,
+            v: &attn.v_proj.weight,
+            o: &attn.o_proj.weight,
+            heads: attn.num_heads,
+            kv_heads: attn.num_kv_heads,
+            cos: &rope.cos,
+            sin: &rope.sin,
+            mask,
+            scale: 1.0 / (attn.head_dim as f64).sqrt(),
+        };
+        fused::attention_block(x, &weights)
+    }
+
+    /// The MLP half as one node (`fused::mlp_block`) when its projections are plain.
+    fn fused_mlp_half(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let mlp = &self.mlp;
+        let plain = [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj]
+            .iter()
+            .all(|l| l.lora.is_none() && l.bias.is_none());
+        if !plain {
+            return Ok(None);
+        }
+        let weights = fused::MlpBlockWeights {
+            norm: &self.post_attention_layernorm.weight,
+            eps: self.post_attention_layernorm.eps,
+            gate: &mlp.gate_proj.weight,
+            up: &mlp.up_proj.weight,
+            down: &mlp.down_proj.weight,
+        };
+        fused::mlp_block(x, &weights)
     }
 
     /// The seven linear modules with their HF short names.

@@ -15,7 +15,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 /// Gradients deposited during one backward pass, by variable.
@@ -39,6 +39,29 @@ impl WeightGrads {
 
 thread_local! {
     static COLLECTORS: RefCell<Vec<WeightGrads>> = const { RefCell::new(Vec::new()) };
+    static WHOLE_BLOCKS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `forward` (on this thread) with the whole-block fused ops allowed
+/// ([`super::fused::mlp_block`]). Their weights are not graph inputs: the weights'
+/// gradients exist only as deposits, so the graph built here must be backpropagated
+/// with [`backward`] (a plain `Tensor::backward` on it fails with an error saying so).
+/// The training loops wrap their shards' forward passes in it.
+pub fn forward_for_backward<R>(forward: impl FnOnce() -> R) -> R {
+    /// Puts the flag back however `forward` ends.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WHOLE_BLOCKS.with(|b| b.set(self.0));
+        }
+    }
+    let _restore = Restore(WHOLE_BLOCKS.with(|b| b.replace(true)));
+    forward()
+}
+
+/// Whether [`forward_for_backward`] is running on this thread.
+pub(crate) fn whole_blocks_allowed() -> bool {
+    WHOLE_BLOCKS.with(Cell::get)
 }
 
 /// Backpropagates `loss`: candle's gradients, and apart from them those the fused ops

@@ -166,11 +166,15 @@ pub fn sharded_update(
     shard_loss: impl Fn(&[u32], &mut ChaCha8Rng) -> Result<ShardLoss, StageError> + Sync,
 ) -> Result<(CombinedShards, f64), StageError> {
     let parts = split_into_shards(rows, shards);
+    // Backpropagated by `apply_update` (`weighted_backward`), so whole-block ops may
+    // deposit their weights' gradients.
     let outputs = map_shards(parts.len(), |k| {
-        shard_loss(
-            parts[k],
-            &mut shard_rng(index.seed, index.step, index.pass, k),
-        )
+        crate::model::weight_grads::forward_for_backward(|| {
+            shard_loss(
+                parts[k],
+                &mut shard_rng(index.seed, index.step, index.pass, k),
+            )
+        })
     })
     .into_iter()
     .collect::<Result<Vec<_>, _>>()?;

@@ -15,6 +15,7 @@ use super::settings::TrainSettings;
 use super::StageResultExt;
 use crate::algo::optim::{clip_coefficient, grad_norm, AdamW};
 use crate::data::batch::epoch_batches;
+use crate::model::weight_grads::forward_for_backward;
 use crate::parallel::{
     combine_shards, map_shards, shard_rng, split_by_padded_length, weighted_backward, ShardLoss,
 };
@@ -166,8 +167,12 @@ pub fn run_training(
         let mut extra: Vec<(&'static str, f64)> = Vec::new();
         for (micro, batch) in batches.iter().enumerate() {
             let shards = split_by_padded_length(batch, lengths, settings.optimizer.shards);
+            // Backpropagated below with `weighted_backward`, so whole-block ops may
+            // deposit their weights' gradients.
             let outputs = map_shards(shards.len(), |k| {
-                micro_step(&shards[k], &mut shard_rng(settings.seed, step, micro, k))
+                forward_for_backward(|| {
+                    micro_step(&shards[k], &mut shard_rng(settings.seed, step, micro, k))
+                })
             })
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;

@@ -13,13 +13,13 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor}
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Copy, Debug)]
-struct Geometry {
-    batch: usize,
-    heads: usize,
-    kv_heads: usize,
-    time: usize,
-    keys: usize,
-    head_dim: usize,
+pub(super) struct Geometry {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub time: usize,
+    pub keys: usize,
+    pub head_dim: usize,
 }
 
 impl Geometry {
@@ -108,7 +108,7 @@ pub fn attention_reference(
         .reshape((batch, time, heads * head_dim))?) // (b, t, h*d)
 }
 
-struct AttentionOp {
+pub(super) struct AttentionOp {
     geometry: Geometry,
     scale: f32,
     /// The mask's values, (mask_batch, 1, t, s) row-major.
@@ -122,7 +122,12 @@ struct AttentionOp {
 }
 
 impl AttentionOp {
-    fn new(geometry: Geometry, mask: &Tensor, scale: f64, keep_probs: bool) -> Result<Self> {
+    pub(super) fn new(
+        geometry: Geometry,
+        mask: &Tensor,
+        scale: f64,
+        keep_probs: bool,
+    ) -> Result<Self> {
         Ok(AttentionOp {
             geometry,
             scale: scale as f32,

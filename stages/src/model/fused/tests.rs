@@ -503,3 +503,96 @@ fn fast_exp_is_within_a_few_ulp_of_the_exact_exponential() {
     assert_eq!(exp_f32(0.0), 1.0);
     assert!(exp_f32(f32::NAN).is_nan());
 }
+
+/// The attention half of a layer as one node (`attention_block`) against the separate
+/// fused ops, through `weight_grads` (the block's weight gradients are deposits):
+/// output and the gradients of x and of the five weights, trained or frozen, under a
+/// padding mask per row and a shared causal one.
+#[test]
+fn the_attention_block_matches_the_separate_ops() {
+    use crate::model::weight_grads::{
+        backward, forward_for_backward, total_gradient, PassGradient,
+    };
+    let (heads, kv_heads, head_dim, hidden) = (4, 2, 4, 12);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let (cos, sin) = rope_tables(2, 5, head_dim);
+    let shapes: [&[usize]; 5] = [
+        &[hidden],
+        &[heads * head_dim, hidden],
+        &[kv_heads * head_dim, hidden],
+        &[kv_heads * head_dim, hidden],
+        &[hidden, heads * head_dim],
+    ];
+    let separate = |x: &Tensor, w: &[Tensor], mask: &Tensor| -> Result<Tensor> {
+        let n = rms_norm(x, &w[0], 1e-5)?;
+        let q = rope_split_heads(&linear(&n, &w[1])?, &cos, &sin, heads)?;
+        let k = rope_split_heads(&linear(&n, &w[2])?, &cos, &sin, kv_heads)?;
+        let context = attention(&q, &k, &linear(&n, &w[3])?, mask, scale)?;
+        linear_add(&context, &w[4], x)
+    };
+    for mask in [
+        attention_mask(2, 5, f32::MIN),
+        attention_mask(1, 5, f32::NEG_INFINITY),
+    ] {
+        for trained in [true, false] {
+            let run = |fused: bool| {
+                let x = Var::from_tensor(&random(&[2, 5, hidden], 60)).unwrap();
+                let w: Vec<Tensor> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, shape)| {
+                        let t = random(shape, 61 + i as u64);
+                        match trained {
+                            true => Var::from_tensor(&t).unwrap().as_tensor().clone(),
+                            false => t,
+                        }
+                    })
+                    .collect();
+                let y = if fused {
+                    let weights = AttentionBlockWeights {
+                        norm: &w[0],
+                        eps: 1e-5,
+                        q: &w[1],
+                        k: &w[2],
+                        v: &w[3],
+                        o: &w[4],
+                        heads,
+                        kv_heads,
+                        cos: &cos,
+                        sin: &sin,
+                        mask: &mask,
+                        scale,
+                    };
+                    forward_for_backward(|| attention_block(x.as_tensor(), &weights))
+                        .unwrap()
+                        .expect("the block fuses")
+                } else {
+                    separate(x.as_tensor(), &w, &mask).unwrap()
+                };
+                let loss = (&y * random(y.dims(), 99)).unwrap().sum_all().unwrap();
+                let (store, mut deposits) = backward(&loss).unwrap();
+                let grads: Vec<Option<Tensor>> = std::iter::once(x.as_tensor())
+                    .chain(&w)
+                    .map(|t| {
+                        let part = PassGradient::take(t, &store, &mut deposits);
+                        total_gradient(t, vec![part]).unwrap()
+                    })
+                    .collect();
+                (y, grads)
+            };
+            let ((y_fused, g_fused), (y_separate, g_separate)) = (run(true), run(false));
+            let what = format!(
+                "attention block (trained {trained}, mask {:?})",
+                mask.dims()
+            );
+            assert_close(&y_fused, &y_separate, &format!("{what} output"));
+            for (i, (f, s)) in g_fused.iter().zip(&g_separate).enumerate() {
+                match (f, s) {
+                    (Some(f), Some(s)) => assert_close(f, s, &format!("{what} gradient {i}")),
+                    (None, None) => assert!(!trained && i > 0, "{what}: gradient {i} missing"),
+                    _ => panic!("{what}: gradient {i} on one path only"),
+                }
+            }
+        }
+    }
+}
