@@ -177,7 +177,17 @@ pub fn combine_shards(shards: &[ShardLoss]) -> candle_core::Result<CombinedShard
 /// [`map_shards`]) and sums the gradients of `vars`, in shard order so the sum is the
 /// same however the shards ran.
 pub fn weighted_backward(losses: &[(Tensor, f64)], vars: &[Var]) -> candle_core::Result<GradStore> {
-    use crate::model::weight_grads::{backward, total_gradient, PassGradient};
+    Ok(weighted_backward_with_squares(losses, vars)?.0)
+}
+
+/// [`weighted_backward`], and for each of `vars` Σ g² of its gradient where summing the
+/// shards computed it (see `weight_grads::total_gradient_with_squares`), for
+/// `optim::grad_norm_with`.
+pub fn weighted_backward_with_squares(
+    losses: &[(Tensor, f64)],
+    vars: &[Var],
+) -> candle_core::Result<(GradStore, Vec<Option<f64>>)> {
+    use crate::model::weight_grads::{backward, total_gradient_with_squares, PassGradient};
     let passes = map_shards(losses.len(), |k| {
         let (loss, weight) = &losses[k];
         backward(&(loss * *weight)?)
@@ -202,15 +212,18 @@ pub fn weighted_backward(losses: &[(Tensor, f64)], vars: &[Var]) -> candle_core:
             .lock()
             .map(|mut shares| std::mem::take(&mut *shares))
             .unwrap_or_default();
-        total_gradient(vars[v].as_tensor(), shares)
+        total_gradient_with_squares(vars[v].as_tensor(), shares)
     });
     let mut sum = GradStore::default();
+    let mut squares = Vec::with_capacity(vars.len());
     for (var, total) in vars.iter().zip(totals) {
-        if let Some(total) = total? {
+        let (total, var_squares) = total?;
+        if let Some(total) = total {
             sum.insert(var.as_tensor(), total);
         }
+        squares.push(var_squares);
     }
-    Ok(sum)
+    Ok((sum, squares))
 }
 
 #[cfg(test)]
@@ -334,13 +347,32 @@ mod tests {
             (loss_of(&x.narrow(0, 0, 3)?)?, 3.0 / 5.0),
             (loss_of(&x.narrow(0, 3, 2)?)?, 2.0 / 5.0),
         ];
-        let summed = weighted_backward(&shards, &[w.clone(), bias.clone()])?;
+        let (summed, squares) =
+            weighted_backward_with_squares(&shards, &[w.clone(), bias.clone()])?;
         for var in [&w, &bias] {
             let expected = whole.get(var.as_tensor()).expect("grad");
             let got = summed.get(var.as_tensor()).expect("grad");
             let difference = (expected - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(difference < 1e-5, "differs by {difference}");
         }
+        // The deposited weight's Σ g² came with its sum, as the norm would compute it;
+        // the bias (candle's store) has none.
+        let w_grad = summed.get(w.as_tensor()).expect("grad").flatten_all()?;
+        let w_squares: f64 = w_grad
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&g| f64::from(g).powi(2))
+            .sum();
+        let got = squares[0].expect("squares of the deposits");
+        assert!(
+            (got - w_squares).abs() <= 1e-12 * w_squares,
+            "{got} vs {w_squares}"
+        );
+        assert_eq!(squares[1], None);
+        let norm =
+            crate::algo::optim::grad_norm(&[w.clone(), bias.clone()], &summed).expect("norm");
+        let with = crate::algo::optim::grad_norm_with(&[w, bias], &summed, &squares).expect("norm");
+        assert_eq!(norm.to_bits(), with.to_bits());
         Ok(())
     }
 }

@@ -54,17 +54,31 @@ pub fn clip_grad_norm(
 /// The global L2 norm `sqrt(Σ_p ‖g_p‖²)` of the gradients of `vars` in `grads`
 /// (variables without a gradient are skipped), summed in f64.
 pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64, AlgoError> {
+    grad_norm_with(vars, grads, &[])
+}
+
+/// [`grad_norm`], taking `known[i]` as Σ g² of `vars[i]` where it is given (computed as
+/// the gradient was summed, `parallel::weighted_backward_with_squares`): the same total.
+pub fn grad_norm_with(
+    vars: &[Var],
+    grads: &GradStore,
+    known: &[Option<f64>],
+) -> Result<f64, AlgoError> {
     let f = at("grad_norm");
-    let present: Vec<&Tensor> = vars
-        .iter()
-        .filter_map(|var| grads.get(var.as_tensor()))
-        .collect();
     // Each variable's sum on its own thread, then added in variable order: the same
     // total whatever the thread count.
-    let sums = map_shards(present.len(), |i| squared_sum(present[i]));
+    let sums = map_shards(vars.len(), |i| match grads.get(vars[i].as_tensor()) {
+        None => Ok(None),
+        Some(grad) => match known.get(i).copied().flatten() {
+            Some(sum) => Ok(Some(sum)),
+            None => squared_sum(grad).map(Some),
+        },
+    });
     let mut squared_total = 0f64;
     for sum in sums {
-        squared_total += sum.map_err(&f)?;
+        if let Some(sum) = sum.map_err(&f)? {
+            squared_total += sum;
+        }
     }
     Ok(squared_total.sqrt())
 }
@@ -96,6 +110,33 @@ multiversion! {
             sum += x * x;
         }
         sum
+    }
+}
+
+multiversion! {
+    /// `sum += other` element by element, returning Σ sum² of the result in f64: the
+    /// lanes and order of [`f64_squared_sum`], so the same bits as summing first and
+    /// calling it, in one pass instead of two (the shards' gradients are summed this way
+    /// as the gradient norm is taken).
+    pub(crate) fn add_and_squared_sum(sum: &mut [f32], other: &[f32]) -> f64 {
+        let n = sum.len().min(other.len());
+        let (sum, other) = (&mut sum[..n], &other[..n]);
+        let mut lanes = [0f64; 8];
+        let body = n / 8 * 8;
+        for (chunk, add) in sum[..body].chunks_exact_mut(8).zip(other[..body].chunks_exact(8)) {
+            for ((lane, s), &o) in lanes.iter_mut().zip(chunk.iter_mut()).zip(add) {
+                *s += o;
+                let x = f64::from(*s);
+                *lane += x * x;
+            }
+        }
+        let mut total = lanes.iter().sum::<f64>();
+        for (s, &o) in sum[body..].iter_mut().zip(&other[body..]) {
+            *s += o;
+            let x = f64::from(*s);
+            total += x * x;
+        }
+        total
     }
 }
 
@@ -796,6 +837,23 @@ mod clip_fast_path_tests {
             .map(|i| ((i * 37 + 11) % 101) as f32 * 0.173 - 8.1)
             .collect();
         Tensor::new(data, &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn adding_and_squaring_in_one_pass_is_bitwise_adding_then_squaring() {
+        for n in [0, 5, 8, 37] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 1.3).cos() - 0.2).collect();
+            let mut fused = a.clone();
+            let squares = add_and_squared_sum(&mut fused, &b);
+            let summed: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+            assert_eq!(fused, summed, "n {n}");
+            assert_eq!(
+                squares.to_bits(),
+                f64_squared_sum(&summed).to_bits(),
+                "n {n}"
+            );
+        }
     }
 
     #[test]

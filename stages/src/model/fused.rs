@@ -173,6 +173,24 @@ pub fn linear_add(x: &Tensor, weight: &Tensor, residual: &Tensor) -> Result<Tens
     Ok(x.apply_op3(weight, residual, LinearAddOp)?)
 }
 
+/// `residual + x W^T` for x (rows, in) and weight (out, in), added in the order the
+/// separate projection and add use (residual first), so the same bits.
+fn residual_plus_projection(
+    residual: &[f32],
+    x: MatrixView,
+    weight: MatrixView,
+    op: &'static str,
+) -> CandleResult<Vec<f32>> {
+    let mut y = products::matmul(x, weight.t())?;
+    if residual.len() != y.len() {
+        candle_core::bail!("{op}: the residual does not match the projection");
+    }
+    for (y, r) in y.iter_mut().zip(residual) {
+        *y = r + *y;
+    }
+    Ok(y)
+}
+
 struct LinearAddOp;
 
 impl CustomOp3 for LinearAddOp {
@@ -194,16 +212,7 @@ impl CustomOp3 for LinearAddOp {
         let x = MatrixView::row_major(contiguous_f32(s1, l1, self.name())?, rows, in_dim);
         let weight = MatrixView::row_major(contiguous_f32(s2, l2, self.name())?, out_dim, in_dim);
         let residual = contiguous_f32(s3, l3, self.name())?;
-        let mut y = products::matmul(x, weight.t())?;
-        if residual.len() != y.len() {
-            candle_core::bail!(
-                "{}: the residual does not match the projection",
-                self.name()
-            );
-        }
-        for (y, r) in y.iter_mut().zip(residual) {
-            *y = r + *y;
-        }
+        let y = residual_plus_projection(residual, x, weight, self.name())?;
         Ok((CpuStorage::F32(y), l3.shape().clone()))
     }
 

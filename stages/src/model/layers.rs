@@ -61,10 +61,19 @@ impl Linear {
         Ok(y)
     }
 
+    /// A bare `x W^T`: no bias, no adapter.
+    fn is_plain(&self) -> bool {
+        self.lora.is_none() && self.bias.is_none()
+    }
+
+    fn all_plain(linears: &[&Linear]) -> bool {
+        linears.iter().all(|l| l.is_plain())
+    }
+
     /// `residual + forward(x)`: one fused node (`fused::linear_add`) for a plain
     /// projection.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor, rng: DropoutRng) -> Result<Tensor> {
-        if self.lora.is_none() && self.bias.is_none() {
+        if self.is_plain() {
             return fused::linear_add(x, &self.weight, residual);
         }
         Ok((residual + self.forward(x, rng)?)?)
@@ -293,10 +302,7 @@ impl DecoderLayer {
         mask: &Tensor,
     ) -> Result<Option<Tensor>> {
         let attn = &self.self_attn;
-        let plain = [&attn.q_proj, &attn.k_proj, &attn.v_proj, &attn.o_proj]
-            .iter()
-            .all(|l| l.lora.is_none() && l.bias.is_none());
-        if !plain {
+        if !Linear::all_plain(&[&attn.q_proj, &attn.k_proj, &attn.v_proj, &attn.o_proj]) {
             return Ok(None);
         }
         let weights = fused::AttentionBlockWeights {
@@ -319,10 +325,7 @@ impl DecoderLayer {
     /// The MLP half as one node (`fused::mlp_block`) when its projections are plain.
     fn fused_mlp_half(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let mlp = &self.mlp;
-        let plain = [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj]
-            .iter()
-            .all(|l| l.lora.is_none() && l.bias.is_none());
-        if !plain {
+        if !Linear::all_plain(&[&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj]) {
             return Ok(None);
         }
         let weights = fused::MlpBlockWeights {

@@ -144,15 +144,32 @@ impl PassGradient {
 /// the passes' deposits summed in order, then their store entries in order. The order
 /// is fixed, so the sum is the same however the passes ran.
 pub fn total_gradient(var: &Tensor, parts: Vec<PassGradient>) -> Result<Option<Tensor>> {
+    Ok(total_gradient_with_squares(var, parts)?.0)
+}
+
+/// [`total_gradient`], and Σ g² of it (f64, as the gradient norm sums it) when the last
+/// add of the deposits computed it on the way: two or more deposits and nothing in
+/// candle's store.
+pub fn total_gradient_with_squares(
+    var: &Tensor,
+    parts: Vec<PassGradient>,
+) -> Result<(Option<Tensor>, Option<f64>)> {
     let mut deposited: Option<Vec<f32>> = None;
     let mut stored = Vec::new();
+    let mut deposits: Vec<Vec<f32>> = Vec::new();
     for part in parts {
         stored.extend(part.stored);
-        if let Some(grad) = part.deposited {
-            match deposited.as_mut() {
-                Some(sum) => sum.iter_mut().zip(&grad).for_each(|(s, g)| *s += g),
-                None => deposited = Some(grad),
+        deposits.extend(part.deposited);
+    }
+    let count = deposits.len();
+    let mut squares = None;
+    for (i, grad) in deposits.into_iter().enumerate() {
+        match deposited.as_mut() {
+            Some(sum) if i + 1 == count && stored.is_empty() => {
+                squares = Some(crate::algo::optim::add_and_squared_sum(sum, &grad));
             }
+            Some(sum) => sum.iter_mut().zip(&grad).for_each(|(s, g)| *s += g),
+            None => deposited = Some(grad),
         }
     }
     let mut total = match deposited {
@@ -165,7 +182,7 @@ pub fn total_gradient(var: &Tensor, parts: Vec<PassGradient>) -> Result<Option<T
             None => grad,
         });
     }
-    Ok(total)
+    Ok((total, squares))
 }
 
 #[cfg(test)]

@@ -13,11 +13,12 @@
 use super::checkpoint::{load_latest_checkpoint, new_state, save_checkpoint, MetricLine};
 use super::settings::TrainSettings;
 use super::StageResultExt;
-use crate::algo::optim::{clip_coefficient, grad_norm, AdamW};
+use crate::algo::optim::{clip_coefficient, grad_norm_with, AdamW};
 use crate::data::batch::epoch_batches;
 use crate::model::weight_grads::forward_for_backward;
 use crate::parallel::{
-    combine_shards, map_shards, shard_rng, split_by_padded_length, weighted_backward, ShardLoss,
+    combine_shards, map_shards, shard_rng, split_by_padded_length, weighted_backward_with_squares,
+    ShardLoss,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -163,6 +164,7 @@ pub fn run_training(
         let first = step * accumulation;
         let batches = &micro_batches[first..(first + accumulation).min(micro_batches.len())];
         let mut grads: Option<GradStore> = None;
+        let mut squares: Vec<Option<f64>> = Vec::new();
         let (mut loss_sum, mut tokens, mut examples) = (0.0, 0, 0);
         let mut extra: Vec<(&'static str, f64)> = Vec::new();
         for (micro, batch) in batches.iter().enumerate() {
@@ -196,13 +198,20 @@ pub fn run_training(
                 .into_iter()
                 .map(|(loss, share)| (loss, share / batches.len() as f64))
                 .collect();
-            let new_grads = weighted_backward(&weighted, &vars).or_fail("backward pass")?;
+            let (new_grads, new_squares) =
+                weighted_backward_with_squares(&weighted, &vars).or_fail("backward pass")?;
+            // Norms taken while summing shards hold for a step of one micro-batch only.
+            squares = if batches.len() == 1 {
+                new_squares
+            } else {
+                Vec::new()
+            };
             grads = Some(accumulate(grads, new_grads, &vars)?);
             loss_sum += combined.loss;
             add_metrics(&mut extra, &combined.metrics, batches.len());
         }
         let grads = grads.ok_or_else(|| StageError::failed("a step with no micro-batches"))?;
-        let grad_norm = grad_norm(&vars, &grads).or_fail("gradient norm")?;
+        let grad_norm = grad_norm_with(&vars, &grads, &squares).or_fail("gradient norm")?;
         if !grad_norm.is_finite() {
             return Err(non_finite(ctx, step + 1, grad_norm));
         }

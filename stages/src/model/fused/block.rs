@@ -20,7 +20,7 @@ use super::kernels::{
     silu_mul_rows_backward_in_place, with_f32, RopeDirection, RopeGeometry,
 };
 use super::products::{self, MatrixView};
-use super::{fusable, CandleResult};
+use super::{fusable, residual_plus_projection, CandleResult};
 use crate::model::weight_grads;
 use crate::model::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor, D};
@@ -154,16 +154,14 @@ impl CustomOp1 for MlpBlockOp {
         let x = contiguous_f32(storage, layout, self.name())?;
         let rows = x.len() / hidden_dim.max(1);
         let kept = self.intermediates(x)?;
-        let mut y = with_f32(&self.down, self.name(), |down| {
-            products::matmul(
+        let y = with_f32(&self.down, self.name(), |down| {
+            residual_plus_projection(
+                x,
                 MatrixView::row_major(&kept.hidden, rows, inter),
-                MatrixView::row_major(down, hidden_dim, inter).t(),
+                MatrixView::row_major(down, hidden_dim, inter),
+                self.name(),
             )
         })?;
-        // The residual plus the product, as `linear_add` adds them.
-        for (y, r) in y.iter_mut().zip(x) {
-            *y = r + *y;
-        }
         if let Ok(mut slot) = self.kept.lock() {
             *slot = Some(kept);
         }
@@ -430,17 +428,16 @@ impl CustomOp1 for AttentionBlockOp {
         }
         let width = self.geometry.heads * self.geometry.head_dim;
         let kept = self.intermediates(x)?;
-        let mut y = with_f32(&kept.context, self.name(), |context| {
+        let y = with_f32(&kept.context, self.name(), |context| {
             with_f32(&self.o, self.name(), |o| {
-                products::matmul(
+                residual_plus_projection(
+                    x,
                     MatrixView::row_major(context, rows, width),
-                    MatrixView::row_major(o, hidden, width).t(),
+                    MatrixView::row_major(o, hidden, width),
+                    self.name(),
                 )
             })
         })?;
-        for (y, r) in y.iter_mut().zip(x) {
-            *y = r + *y;
-        }
         if let Ok(mut slot) = self.kept.lock() {
             *slot = Some(kept);
         }
