@@ -1,8 +1,9 @@
 //! Fused CPU kernels for the training hot path, each a candle custom op with a
 //! hand-written backward: the linear projection, RMSNorm, the SiLU-gated product and the
 //! whole gated-MLP input (`mlp`), the attention core and its masked softmax
-//! (`attention`), rotary embeddings (`rope`), and log-softmax + gather / entropy
-//! (`logprobs`). The loops themselves live in `kernels`.
+//! (`attention`), rotary embeddings (`rope`), log-softmax + gather / entropy
+//! (`logprobs`), and each half of a decoder layer as a single node for training loops
+//! (`block`). The loops themselves live in `kernels`.
 //!
 //! Why: a composite of small candle ops allocates (and page-faults) one fresh buffer per
 //! op forward, and in backward candle zero-fills and accumulates a fresh gradient buffer
