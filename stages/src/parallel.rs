@@ -175,19 +175,14 @@ pub fn combine_shards(shards: &[ShardLoss]) -> candle_core::Result<CombinedShard
 
 /// Backpropagates each `(loss, weight)` as `loss × weight` (in parallel, as
 /// [`map_shards`]) and sums the gradients of `vars`, in shard order so the sum is the
-/// same however the shards ran.
-pub fn weighted_backward(losses: &[(Tensor, f64)], vars: &[Var]) -> candle_core::Result<GradStore> {
-    Ok(weighted_backward_with_squares(losses, vars)?.0)
-}
-
-/// [`weighted_backward`], and for each of `vars` Σ g² of its gradient where summing the
-/// shards computed it (see `weight_grads::total_gradient_with_squares`), for
+/// same however the shards ran. With them, for each of `vars`, Σ g² of its gradient
+/// where summing the shards computed it (`weight_grads::total_gradient`), for
 /// `optim::grad_norm_with`.
-pub fn weighted_backward_with_squares(
+pub fn weighted_backward(
     losses: &[(Tensor, f64)],
     vars: &[Var],
 ) -> candle_core::Result<(GradStore, Vec<Option<f64>>)> {
-    use crate::model::weight_grads::{backward, total_gradient_with_squares, PassGradient};
+    use crate::model::weight_grads::{backward, total_gradient, PassGradient};
     let passes = map_shards(losses.len(), |k| {
         let (loss, weight) = &losses[k];
         backward(&(loss * *weight)?)
@@ -212,7 +207,7 @@ pub fn weighted_backward_with_squares(
             .lock()
             .map(|mut shares| std::mem::take(&mut *shares))
             .unwrap_or_default();
-        total_gradient_with_squares(vars[v].as_tensor(), shares)
+        total_gradient(vars[v].as_tensor(), shares)
     });
     let mut sum = GradStore::default();
     let mut squares = Vec::with_capacity(vars.len());
@@ -315,7 +310,7 @@ mod tests {
             (loss_of(&x.narrow(0, 0, 3)?)?, 3.0 / 5.0),
             (loss_of(&x.narrow(0, 3, 2)?)?, 2.0 / 5.0),
         ];
-        let summed = weighted_backward(&shards, &[w.clone()])?;
+        let (summed, _) = weighted_backward(&shards, &[w.clone()])?;
         let expected = whole.get(w.as_tensor()).expect("grad").to_vec1::<f32>()?;
         let got = summed.get(w.as_tensor()).expect("grad").to_vec1::<f32>()?;
         for (e, g) in expected.iter().zip(&got) {
@@ -347,8 +342,7 @@ mod tests {
             (loss_of(&x.narrow(0, 0, 3)?)?, 3.0 / 5.0),
             (loss_of(&x.narrow(0, 3, 2)?)?, 2.0 / 5.0),
         ];
-        let (summed, squares) =
-            weighted_backward_with_squares(&shards, &[w.clone(), bias.clone()])?;
+        let (summed, squares) = weighted_backward(&shards, &[w.clone(), bias.clone()])?;
         for var in [&w, &bias] {
             let expected = whole.get(var.as_tensor()).expect("grad");
             let got = summed.get(var.as_tensor()).expect("grad");

@@ -58,7 +58,7 @@ pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64, AlgoError> {
 }
 
 /// [`grad_norm`], taking `known[i]` as Σ g² of `vars[i]` where it is given (computed as
-/// the gradient was summed, `parallel::weighted_backward_with_squares`): the same total.
+/// the gradient was summed, `parallel::weighted_backward`): the same total.
 pub fn grad_norm_with(
     vars: &[Var],
     grads: &GradStore,

@@ -142,15 +142,10 @@ impl PassGradient {
 
 /// The gradient of `var` over several backward passes, `None` when no pass reached it:
 /// the passes' deposits summed in order, then their store entries in order. The order
-/// is fixed, so the sum is the same however the passes ran.
-pub fn total_gradient(var: &Tensor, parts: Vec<PassGradient>) -> Result<Option<Tensor>> {
-    Ok(total_gradient_with_squares(var, parts)?.0)
-}
-
-/// [`total_gradient`], and Σ g² of it (f64, as the gradient norm sums it) when the last
-/// add of the deposits computed it on the way: two or more deposits and nothing in
-/// candle's store.
-pub fn total_gradient_with_squares(
+/// is fixed, so the sum is the same however the passes ran. With it, Σ g² (f64, as the
+/// gradient norm sums it) when the last add of the deposits computed it on the way: two
+/// or more deposits and nothing in candle's store.
+pub fn total_gradient(
     var: &Tensor,
     parts: Vec<PassGradient>,
 ) -> Result<(Option<Tensor>, Option<f64>)> {
@@ -183,6 +178,23 @@ pub fn total_gradient_with_squares(
         });
     }
     Ok((total, squares))
+}
+
+/// The gradients of `tensors` from `loss` through [`backward`], deposits and candle's
+/// store together (one pass): what the fused blocks' tests compare.
+#[cfg(test)]
+pub(crate) fn gradients_through_deposits(
+    loss: &Tensor,
+    tensors: &[&Tensor],
+) -> Result<Vec<Option<Tensor>>> {
+    let (store, mut deposits) = backward(loss)?;
+    tensors
+        .iter()
+        .map(|t| {
+            let part = PassGradient::take(t, &store, &mut deposits);
+            Ok(total_gradient(t, vec![part])?.0)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -237,7 +249,7 @@ mod tests {
         for var in [&w, &gate, &up] {
             let var = var.as_tensor();
             let shares = vec![PassGradient::take(var, &store, &mut deposited)];
-            let total = total_gradient(var, shares)?.expect("a gradient");
+            let total = total_gradient(var, shares)?.0.expect("a gradient");
             let expected = plain.get(var).expect("candle's gradient");
             let difference = max_difference(&total, expected);
             assert!(difference < 1e-5, "differs by {difference}");
@@ -291,9 +303,10 @@ mod tests {
                 share(None, None),
             ],
         )?
+        .0
         .expect("a gradient");
         assert_eq!(total.to_vec1::<f32>()?, vec![14.0, 26.0]);
-        assert!(total_gradient(&var, vec![share(None, None)])?.is_none());
+        assert!(total_gradient(&var, vec![share(None, None)])?.0.is_none());
         Ok(())
     }
 }

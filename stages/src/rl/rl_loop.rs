@@ -208,9 +208,8 @@ pub fn apply_update(
     update: usize,
 ) -> Result<f64, StageError> {
     use crate::algo::optim::{clip_coefficient, grad_norm_with};
-    let (grads, squares) =
-        crate::parallel::weighted_backward_with_squares(weighted_losses, trainer.vars)
-            .or_fail("backward pass")?;
+    let (grads, squares) = crate::parallel::weighted_backward(weighted_losses, trainer.vars)
+        .or_fail("backward pass")?;
     let grad_norm = grad_norm_with(trainer.vars, &grads, &squares).or_fail("gradient norm")?;
     if !grad_norm.is_finite() {
         return Err(StageError::failed_with_hint(

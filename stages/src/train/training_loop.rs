@@ -17,8 +17,7 @@ use crate::algo::optim::{clip_coefficient, grad_norm_with, AdamW};
 use crate::data::batch::epoch_batches;
 use crate::model::weight_grads::forward_for_backward;
 use crate::parallel::{
-    combine_shards, map_shards, shard_rng, split_by_padded_length, weighted_backward_with_squares,
-    ShardLoss,
+    combine_shards, map_shards, shard_rng, split_by_padded_length, weighted_backward, ShardLoss,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -199,7 +198,7 @@ pub fn run_training(
                 .map(|(loss, share)| (loss, share / batches.len() as f64))
                 .collect();
             let (new_grads, new_squares) =
-                weighted_backward_with_squares(&weighted, &vars).or_fail("backward pass")?;
+                weighted_backward(&weighted, &vars).or_fail("backward pass")?;
             // Norms taken while summing shards hold for a step of one micro-batch only.
             squares = if batches.len() == 1 {
                 new_squares

@@ -19,6 +19,7 @@ use super::kernels::{
     contiguous_f32, rms_norm_rows, rms_norm_rows_backward, rope_rows, silu_mul_rows,
     silu_mul_rows_backward_in_place, with_f32, RopeDirection, RopeGeometry,
 };
+use super::mlp::gate_up_rows;
 use super::products::{self, MatrixView};
 use super::{fusable, residual_plus_projection, CandleResult};
 use crate::model::weight_grads;
@@ -106,12 +107,10 @@ impl MlpBlockOp {
         })?;
         let gate_up = with_f32(&self.gate, name, |gate| {
             with_f32(&self.up, name, |up| {
-                products::matmul_side_by_side(
+                gate_up_rows(
                     MatrixView::row_major(&normed, rows, hidden_dim),
-                    &[
-                        MatrixView::row_major(gate, inter, hidden_dim).t(),
-                        MatrixView::row_major(up, inter, hidden_dim).t(),
-                    ],
+                    MatrixView::row_major(gate, inter, hidden_dim),
+                    MatrixView::row_major(up, inter, hidden_dim),
                 )
             })
         })?;
@@ -491,7 +490,9 @@ impl CustomOp1 for AttentionBlockOp {
                     })
                 })?;
                 let n = MatrixView::row_major(&kept.normed, rows, hidden);
-                let mut dnormed: Option<Vec<f32>> = None;
+                // The three projections' shares of the normed rows' gradient: the first
+                // product fills the buffer, gemm adds the others as it writes.
+                let mut dnormed: Vec<f32> = Vec::new();
                 with_f32(&dv, name, |dv| {
                     let parts = [
                         (
@@ -509,12 +510,11 @@ impl CustomOp1 for AttentionBlockOp {
                     for (weight, width, d) in parts {
                         with_f32(weight, name, |w| {
                             let w = MatrixView::row_major(w, width, hidden);
-                            match dnormed.as_mut() {
-                                Some(sum) => products::matmul_into(sum, hidden, d, w, true),
-                                None => {
-                                    dnormed = Some(products::matmul(d, w)?);
-                                    Ok(())
-                                }
+                            if dnormed.is_empty() {
+                                dnormed = products::matmul(d, w)?;
+                                Ok(())
+                            } else {
+                                products::matmul_into(&mut dnormed, hidden, d, w, true)
                             }
                         })?;
                         deposit_gradient(
@@ -525,7 +525,6 @@ impl CustomOp1 for AttentionBlockOp {
                     }
                     Ok(())
                 })?;
-                let dnormed = dnormed.unwrap_or_else(|| vec![0.0; rows * hidden]);
                 norm_backward_with_residual(x, x_rows, grad, &dnormed, &self.norm, self.eps, name)
             })
         })
@@ -572,9 +571,7 @@ fn norm_backward_with_residual(
 mod tests {
     use super::*;
     use crate::model::fused::{gated_mlp_input, linear_add, rms_norm};
-    use crate::model::weight_grads::{
-        backward, forward_for_backward, total_gradient, PassGradient,
-    };
+    use crate::model::weight_grads::{forward_for_backward, gradients_through_deposits};
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
@@ -640,15 +637,8 @@ mod tests {
             separate(x.as_tensor(), &weights).unwrap()
         };
         let loss = (&y * random(y.dims(), 99)).unwrap().sum_all().unwrap();
-        let (store, mut deposits) = backward(&loss).unwrap();
-        let grads = std::iter::once(x.as_tensor())
-            .chain(&weights)
-            .map(|t| {
-                let part = PassGradient::take(t, &store, &mut deposits);
-                total_gradient(t, vec![part]).unwrap()
-            })
-            .collect();
-        (y, grads)
+        let tensors: Vec<&Tensor> = std::iter::once(x.as_tensor()).chain(&weights).collect();
+        (y, gradients_through_deposits(&loss, &tensors).unwrap())
     }
 
     #[test]

@@ -207,33 +207,14 @@ multiversion! {
 /// dgate then dup, each n long: with s = σ(g), dgate = grad u s (1 + g (1 - s)),
 /// dup = grad g s.
 pub(super) fn silu_mul_backward(gate: &[f32], up: &[f32], grad: &[f32]) -> Vec<f32> {
-    let n = gate.len();
-    let mut out = vec![0f32; 2 * n];
-    let (dgate, dup) = out.split_at_mut(n);
-    silu_mul_backward_into(gate, up, grad, dgate, dup);
+    // [gate | up] as one row, turned into [dgate | dup] by the row kernel.
+    let n = gate.len().min(up.len());
+    let mut out = Vec::with_capacity(2 * n);
+    out.extend_from_slice(&gate[..n]);
+    out.extend_from_slice(&up[..n]);
+    silu_mul_rows_backward_in_place(&mut out, grad, n);
     out
 }
-}
-
-#[inline(always)]
-fn silu_mul_backward_into(
-    gate: &[f32],
-    up: &[f32],
-    grad: &[f32],
-    dgate: &mut [f32],
-    dup: &mut [f32],
-) {
-    let items = dgate
-        .iter_mut()
-        .zip(dup.iter_mut())
-        .zip(gate)
-        .zip(up)
-        .zip(grad);
-    for ((((dg, du), g), u), d) in items {
-        let s = 1.0 / (1.0 + exp_f32(-g));
-        *du = d * g * s;
-        *dg = d * u * s * (1.0 + g * (1.0 - s));
-    }
 }
 
 multiversion! {

@@ -62,7 +62,11 @@ impl GatedMlpInputOp {
 
 /// The rows [x Wg^T | x Wu^T], (rows, 2*inter): two products written side by side, so the
 /// weights are never stacked into a copy.
-fn gate_up_rows(x: MatrixView, gate: MatrixView, up: MatrixView) -> CandleResult<Vec<f32>> {
+pub(super) fn gate_up_rows(
+    x: MatrixView,
+    gate: MatrixView,
+    up: MatrixView,
+) -> CandleResult<Vec<f32>> {
     products::matmul_side_by_side(x, &[gate.t(), up.t()])
 }
 

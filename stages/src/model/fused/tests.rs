@@ -510,9 +510,7 @@ fn fast_exp_is_within_a_few_ulp_of_the_exact_exponential() {
 /// padding mask per row and a shared causal one.
 #[test]
 fn the_attention_block_matches_the_separate_ops() {
-    use crate::model::weight_grads::{
-        backward, forward_for_backward, total_gradient, PassGradient,
-    };
+    use crate::model::weight_grads::{forward_for_backward, gradients_through_deposits};
     let (heads, kv_heads, head_dim, hidden) = (4, 2, 4, 12);
     let scale = 1.0 / (head_dim as f64).sqrt();
     let (cos, sin) = rope_tables(2, 5, head_dim);
@@ -570,14 +568,8 @@ fn the_attention_block_matches_the_separate_ops() {
                     separate(x.as_tensor(), &w, &mask).unwrap()
                 };
                 let loss = (&y * random(y.dims(), 99)).unwrap().sum_all().unwrap();
-                let (store, mut deposits) = backward(&loss).unwrap();
-                let grads: Vec<Option<Tensor>> = std::iter::once(x.as_tensor())
-                    .chain(&w)
-                    .map(|t| {
-                        let part = PassGradient::take(t, &store, &mut deposits);
-                        total_gradient(t, vec![part]).unwrap()
-                    })
-                    .collect();
+                let tensors: Vec<&Tensor> = std::iter::once(x.as_tensor()).chain(&w).collect();
+                let grads = gradients_through_deposits(&loss, &tensors).unwrap();
                 (y, grads)
             };
             let ((y_fused, g_fused), (y_separate, g_separate)) = (run(true), run(false));
